@@ -1,0 +1,153 @@
+"""RepBlock: parallel branches in training, one conv after ``switch_to_deploy()``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from repnet.branches import BRANCHES, BranchNorm, Geometry
+from repnet.kernels import Conv, add, of_conv2d, pad_to, pair, to_conv2d
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "full": ("kxk", "1xk", "kx1", "1x1", "identity"),
+    "repvgg": ("kxk", "1x1", "identity"),
+    "acb": ("kxk", "1xk", "kx1"),
+    "dbb": ("kxk", "1x1", "1x1_kxk", "1x1_avg"),
+    "plain": ("kxk",),
+}
+
+BranchSpec = str | Sequence[str]
+
+
+def resolve_branches(branches: BranchSpec, geometry: Geometry) -> tuple[str, ...]:
+    """Branch names of a preset or a list; a preset drops an identity that cannot exist."""
+    if isinstance(branches, str):
+        if branches not in PRESETS:
+            raise ValueError(
+                f"unknown branch preset {branches!r}; presets: {', '.join(PRESETS)} "
+                f"(or a list of branch names: {', '.join(BRANCHES)})"
+            )
+        names = PRESETS[branches]
+        if geometry.identity_problem() is not None:
+            names = tuple(n for n in names if n != "identity")
+        return names
+    names = tuple(branches)
+    unknown = [n for n in names if n not in BRANCHES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"branches must be distinct names from {', '.join(BRANCHES)}; got {list(names)}"
+        )
+    if "identity" in names and (problem := geometry.identity_problem()):
+        raise ValueError(f"an identity branch cannot exist here: {problem}")
+    return names
+
+
+def _geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    kernel_size, stride, dilation = pair(kernel_size), pair(stride), pair(dilation)
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size))
+    padding = pair(padding)
+    problems = [
+        f"{name} must be positive, got {value}"
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+            ("kernel_size", min(kernel_size)),
+            ("stride", min(stride)),
+            ("dilation", min(dilation)),
+        )
+        if value < 1
+    ]
+    if min(padding) < 0:
+        problems.append(f"padding must be non-negative, got {padding}")
+    if groups >= 1 and (in_channels % groups or out_channels % groups):
+        problems.append(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+            f"must be divisible by groups ({groups})"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return Geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+
+
+class RepBlock(nn.Module):
+    """``act(Σ_branches BN_b(op_b(x)))`` in training; ``act(conv(x))`` once deployed.
+
+    ``padding=None`` keeps the size (``d·(k-1)//2``); ``branches`` is a preset name
+    (``full``, ``repvgg``, ``acb``, ``dbb``, ``plain``) or a list of branch names.
+    ``deploy=True`` builds the deployed form directly (to load fused weights).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        branches: BranchSpec = "full",
+        act: Callable[[], nn.Module] | None = nn.ReLU,
+        deploy: bool = False,
+    ):
+        super().__init__()
+        geo = _geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self.geometry = geo
+        self.branch_names = resolve_branches(branches, geo)
+        self.act = act() if act is not None else nn.Identity()
+        if deploy:
+            self.fused = nn.Conv2d(
+                in_channels,
+                out_channels,
+                geo.kernel_size,
+                geo.stride,
+                geo.padding,
+                geo.dilation,
+                groups,
+                bias=True,
+            )
+            self.branches = None
+        else:
+            self.fused = None
+            self.branches = nn.ModuleDict(
+                {name: BRANCHES[name](geo, BranchNorm) for name in self.branch_names}
+            )
+
+    @property
+    def deployed(self) -> bool:
+        return self.fused is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused is not None:
+            return self.act(self.fused(x))
+        return self.act(sum(branch(x) for branch in self.branches.values()))
+
+    def branch_kernels(self) -> dict[str, Conv]:
+        """Each branch's equivalent conv (eval-mode statistics)."""
+        return {name: branch.kernel() for name, branch in self.branches.items()}
+
+    def kernel(self) -> Conv:
+        """The one conv the block equals in eval mode: its branch kernels summed, at full size."""
+        if self.fused is not None:
+            return of_conv2d(self.fused)
+        return pad_to(add(*self.branch_kernels().values()), self.geometry.kernel_size)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Replace the branches by their one conv; a second call changes nothing."""
+        if self.fused is not None:
+            return
+        self.fused = to_conv2d(self.kernel())
+        self.branches = None
+
+    def extra_repr(self) -> str:
+        geo = self.geometry
+        return (
+            f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
+            f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
+            f"groups={geo.groups}, branches={list(self.branch_names)}, deployed={self.deployed}"
+        )

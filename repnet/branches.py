@@ -1,0 +1,206 @@
+"""Branches: small modules that run in training and know their equivalent conv.
+
+A branch is a sequence of stages; a stage is one linear op (a learnable conv, or
+a fixed kernel: identity, average pool) followed by its own norm. Every stage,
+and so every branch, has ``kernel()``: the :class:`~repnet.kernels.Conv` it
+equals in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repnet.kernels import Conv, Pair, affine, apply_conv, avgpool, compose, fuse_bn, identity
+
+
+class BranchNorm(nn.BatchNorm2d):
+    """BatchNorm that folds into the conv before it: ``W·γ/σ``, ``β + (b - μ)·γ/σ``."""
+
+    def fuse(self, conv: Conv) -> Conv:
+        return fuse_bn(conv, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+
+class ChannelScale(nn.Module):
+    """A learnable per-channel scale ``y = γ·x``, the linear stand-in for BN in online mode."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+    def fuse(self, conv: Conv) -> Conv:
+        return affine(conv, self.weight, torch.zeros_like(self.weight))
+
+
+Norm = BranchNorm | ChannelScale
+
+
+class KernelOp(nn.Module):
+    """A bias-free linear op held as its kernel: learnable (a conv) or fixed (identity, pool)."""
+
+    def __init__(self, conv: Conv, learnable: bool, passthrough: bool = False):
+        super().__init__()
+        if learnable:
+            self.weight = nn.Parameter(conv.weight)
+        else:
+            self.register_buffer("weight", conv.weight, persistent=False)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
+        self.passthrough = passthrough
+
+    def kernel(self) -> Conv:
+        zeros = self.weight.new_zeros(self.weight.shape[0])
+        return Conv(self.weight, zeros, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.passthrough:  # the identity: only its padding (or cropping) is left to do
+            ph, pw = self.padding
+            return F.pad(x, (pw, pw, ph, ph)) if (ph, pw) != (0, 0) else x
+        return apply_conv(
+            x, self.weight, None, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+def learnable_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> KernelOp:
+    """A conv initialised like ``nn.Conv2d`` (Kaiming uniform, ``a = √5``)."""
+    weight = torch.empty(out_channels, in_channels // groups, *kernel_size)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    zeros = weight.new_zeros(out_channels)
+    return KernelOp(Conv(weight, zeros, stride, padding, dilation, groups), learnable=True)
+
+
+class Stage(nn.Module):
+    """One linear op and its norm: ``y = norm(op(x))``."""
+
+    def __init__(self, op: KernelOp, norm: Norm):
+        super().__init__()
+        self.op, self.norm = op, norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.op(x))
+
+    def kernel(self) -> Conv:
+        return self.norm.fuse(self.op.kernel())
+
+
+class Branch(nn.Sequential):
+    """Stages applied in turn; its kernel is their composition ``k_n ∘ … ∘ k_1``."""
+
+    def kernel(self) -> Conv:
+        return reduce(compose, (stage.kernel() for stage in self))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The geometry of a block's main ``kxk`` conv, which every branch must line up with."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+
+    def padding_for(self, size: Pair, branch: str) -> Pair:
+        """Padding giving a ``size`` kernel the main one's outputs: ``P - d(K-k)/2``."""
+        grow = [big - small for big, small in zip(self.kernel_size, size)]
+        if any(g % 2 for g in grow):
+            raise ValueError(
+                f"branch {branch!r} ({size[0]}x{size[1]}) cannot be centred in a "
+                f"{self.kernel_size[0]}x{self.kernel_size[1]} kernel: sizes must differ by an "
+                "even number, so use odd kernel sizes or leave this branch out"
+            )
+        return (
+            self.padding[0] - self.dilation[0] * grow[0] // 2,
+            self.padding[1] - self.dilation[1] * grow[1] // 2,
+        )
+
+    def identity_problem(self) -> str | None:
+        """Why an identity branch cannot exist here, or ``None`` when it can."""
+        if self.in_channels != self.out_channels:
+            return f"in_channels ({self.in_channels}) != out_channels ({self.out_channels})"
+        if self.stride != (1, 1):
+            return f"stride is {self.stride}, not 1"
+        if any(k % 2 == 0 for k in self.kernel_size):
+            return f"an even kernel {self.kernel_size} has no centre tap"
+        return None
+
+
+NormFactory = Callable[[int], Norm]
+
+
+def _single(size_of: Callable[[Geometry], Pair], name: str):
+    """A branch of one conv of size ``size_of(geometry)`` lined up with the main kernel."""
+
+    def build(geo: Geometry, norm: NormFactory) -> Branch:
+        size = size_of(geo)
+        op = learnable_conv(
+            geo.in_channels,
+            geo.out_channels,
+            size,
+            geo.stride,
+            geo.padding_for(size, name),
+            geo.dilation,
+            geo.groups,
+        )
+        return Branch(Stage(op, norm(geo.out_channels)))
+
+    return build
+
+
+def _identity(geo: Geometry, norm: NormFactory) -> Branch:
+    conv = identity(geo.out_channels, geo.groups, geo.padding_for((1, 1), "identity"), geo.dilation)
+    return Branch(Stage(KernelOp(conv, learnable=False, passthrough=True), norm(geo.out_channels)))
+
+
+def _then_kxk(second: Callable[[Geometry, int], KernelOp], mid_channels: Callable[[Geometry], int]):
+    """A 1x1 conv, then ``second``; the 1x1 runs on the padded input so the borders stay exact."""
+
+    def build(geo: Geometry, norm: NormFactory) -> Branch:
+        mid = mid_channels(geo)
+        first = learnable_conv(
+            geo.in_channels, mid, (1, 1), (1, 1), geo.padding, (1, 1), geo.groups
+        )
+        return Branch(Stage(first, norm(mid)), Stage(second(geo, mid), norm(geo.out_channels)))
+
+    return build
+
+
+def _kxk_after(geo: Geometry, mid: int) -> KernelOp:
+    return learnable_conv(
+        mid, geo.out_channels, geo.kernel_size, geo.stride, (0, 0), geo.dilation, geo.groups
+    )
+
+
+def _avg_after(geo: Geometry, mid: int) -> KernelOp:
+    pool = avgpool(mid, geo.kernel_size, geo.groups, geo.stride, (0, 0), geo.dilation)
+    return KernelOp(pool, learnable=False)
+
+
+BRANCHES: dict[str, Callable[[Geometry, NormFactory], Branch]] = {
+    "kxk": _single(lambda g: g.kernel_size, "kxk"),
+    "1x1": _single(lambda g: (1, 1), "1x1"),
+    "1xk": _single(lambda g: (1, g.kernel_size[1]), "1xk"),
+    "kx1": _single(lambda g: (g.kernel_size[0], 1), "kx1"),
+    "identity": _identity,
+    "1x1_kxk": _then_kxk(_kxk_after, lambda g: g.in_channels),
+    "1x1_avg": _then_kxk(_avg_after, lambda g: g.out_channels),
+}

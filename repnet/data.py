@@ -1,0 +1,319 @@
+"""LightningDataModules for image classification."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.folder import find_classes
+from torchvision.transforms import v2
+
+CIFAR_STATS = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is not on disk and cannot be obtained automatically."""
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images and labels, with an optional per-sample transform."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class ImageClassificationDataModule(pl.LightningDataModule):
+    """Base class: image shape and class count known at construction, loaders after setup.
+
+    The validation split doubles as the test split. `seed` makes train shuffling reproducible.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before loaders are built")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+
+class DigitsDataModule(ImageClassificationDataModule):
+    """scikit-learn's 8x8 handwritten digits (1797 images), split stratified by `seed`.
+
+    Images are scaled to [0, 1], normalised with the train split's scalar mean/std and,
+    if `image_size` > 8, upsampled once bilinearly. Train images are randomly shifted
+    by up to one original pixel, padding with blank (zero-intensity) background.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int = 8,
+        val_fraction: float = 0.2,
+    ) -> None:
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {image_size}")
+        super().__init__(10, 1, image_size, batch_size, num_workers, seed)
+        self.val_fraction = val_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        digits = load_digits()
+        train_images, val_images, train_labels, val_labels = train_test_split(
+            digits.images / 16.0,
+            digits.target,
+            test_size=self.val_fraction,
+            stratify=digits.target,
+            random_state=self.seed,
+        )
+        mean, std = float(train_images.mean()), float(train_images.std())
+        shift = v2.RandomCrop(self.image_size, padding=self.image_size // 8, fill=-mean / std)
+        self.train_dataset = TensorImageDataset(
+            self._to_tensor(train_images, mean, std), torch.as_tensor(train_labels), shift
+        )
+        self.val_dataset = TensorImageDataset(
+            self._to_tensor(val_images, mean, std), torch.as_tensor(val_labels)
+        )
+
+    def _to_tensor(self, images: np.ndarray, mean: float, std: float) -> torch.Tensor:
+        """Normalise [N, 8, 8] images to a float tensor of shape [N, 1, image_size, image_size]."""
+        tensor = torch.as_tensor((images - mean) / std, dtype=torch.float32).unsqueeze(1)
+        if self.image_size == tensor.shape[-1]:
+            return tensor
+        return F.interpolate(tensor, size=self.image_size, mode="bilinear", align_corners=False)
+
+
+class CIFARDataModule(ImageClassificationDataModule):
+    """CIFAR-10 or CIFAR-100 (chosen by `num_classes`) with crop+flip augmentation."""
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        num_classes: int = 10,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        if num_classes not in CIFAR_STATS:
+            raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
+        super().__init__(num_classes, 3, 32, batch_size, num_workers, seed)
+        self.data_dir = Path(data_dir)
+        self.download = download
+        self.dataset_class = CIFAR10 if num_classes == 10 else CIFAR100
+
+    def prepare_data(self) -> None:
+        """Download the dataset unless it is already present (and downloading is allowed)."""
+        try:
+            self.dataset_class(self.data_dir, train=True, download=self.download)
+        except (OSError, RuntimeError) as error:
+            raise self._unavailable(error) from error
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        mean, std = CIFAR_STATS[self.num_classes]
+        train_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomCrop(32, padding=4),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
+        val_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
+        try:
+            self.train_dataset = self.dataset_class(
+                self.data_dir, train=True, transform=train_transform
+            )
+            self.val_dataset = self.dataset_class(
+                self.data_dir, train=False, transform=val_transform
+            )
+        except RuntimeError as error:
+            raise self._unavailable(error) from error
+
+    def _unavailable(self, error: Exception) -> DatasetUnavailableError:
+        reason = f"{type(error).__name__}: {error}" if self.download else "download disabled"
+        return DatasetUnavailableError(
+            f"CIFAR-{self.num_classes} not found in "
+            f"{self.data_dir / self.dataset_class.base_folder} and could not be downloaded "
+            f"({reason}); download it there or set data.download=true with network access"
+        )
+
+
+def _class_folders(root: Path, split: str) -> list[str]:
+    """Sorted class folder names under `root/split`."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetUnavailableError(
+            f"{split_dir} not found; ImageFolderDataModule expects class subfolders "
+            f"under {root / 'train'} and {root / 'val'}"
+        )
+    return find_classes(split_dir)[0]
+
+
+class ImageFolderDataModule(ImageClassificationDataModule):
+    """Images in `root/train/<class>/` and `root/val/<class>/`, ImageNet-style preprocessing."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        root = Path(root)
+        classes = _class_folders(root, "train")
+        if _class_folders(root, "val") != classes:
+            raise DatasetUnavailableError(
+                f"{root / 'val'} must contain the same class folders as {root / 'train'}"
+            )
+        super().__init__(len(classes), 3, image_size, batch_size, num_workers, seed)
+        self.root = root
+        self.classes = classes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        to_normalised_tensor = [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+        train_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(self.image_size),
+                v2.RandomHorizontalFlip(),
+                *to_normalised_tensor,
+            ]
+        )
+        val_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(round(self.image_size * 256 / 224)),
+                v2.CenterCrop(self.image_size),
+                *to_normalised_tensor,
+            ]
+        )
+        self.train_dataset = ImageFolder(self.root / "train", train_transform)
+        self.val_dataset = ImageFolder(self.root / "val", val_transform)
+
+
+class FakeDataModule(ImageClassificationDataModule):
+    """Random learnable data: a fixed random pattern per class plus unit Gaussian noise."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        train_size: int = 256,
+        val_size: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_classes, in_channels, image_size, batch_size, num_workers, seed)
+        self.train_size = train_size
+        self.val_size = val_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        shape = (self.in_channels, self.image_size, self.image_size)
+        class_patterns = torch.randn(self.num_classes, *shape, generator=generator)
+
+        def sample(size: int) -> TensorImageDataset:
+            labels = torch.randint(self.num_classes, (size,), generator=generator)
+            noise = torch.randn(size, *shape, generator=generator)
+            return TensorImageDataset(class_patterns[labels] + noise, labels)
+
+        self.train_dataset = sample(self.train_size)
+        self.val_dataset = sample(self.val_size)
+
+
+DATAMODULES: dict[str, Callable[..., ImageClassificationDataModule]] = {
+    "digits": DigitsDataModule,
+    "cifar10": partial(CIFARDataModule, num_classes=10),
+    "cifar100": partial(CIFARDataModule, num_classes=100),
+    "imagefolder": ImageFolderDataModule,
+    "fake": FakeDataModule,
+}
+
+
+def build_datamodule(name: str, **kwargs) -> ImageClassificationDataModule:
+    """Build the datamodule registered under `name` with constructor `kwargs`."""
+    if name not in DATAMODULES:
+        raise ValueError(f"Unknown datamodule {name!r}; valid names: {', '.join(DATAMODULES)}")
+    return DATAMODULES[name](**kwargs)

@@ -1,0 +1,113 @@
+"""Whole-model conversion to the deploy form, and its verification."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from repnet.kernels import fuse_bn, of_conv2d, to_conv2d
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Deploy form of ``model``, in eval mode: every ``switch_to_deploy()`` called, conv→BN fused.
+
+    Blocks are found by duck typing (anything with ``switch_to_deploy``), so
+    third-party blocks convert too. ``inplace=False`` leaves ``model`` untouched.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    for module in list(model.modules()):
+        switch = getattr(module, "switch_to_deploy", None)
+        if callable(switch):
+            switch()
+    fuse_conv_bn(model)
+    return model
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, bn)`` module names where a conv's only use is one BN, found in the traced graph."""
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and type(modules[source.target]) is nn.Conv2d
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv into that conv, in place."""
+    try:
+        pairs = _conv_bn_pairs(model)
+    except Exception as error:  # untraceable models keep their conv→BN pairs
+        warnings.warn(
+            f"conv→BN pairs left unfused: the model could not be traced ({error})", stacklevel=2
+        )
+        return model
+    for conv_name, bn_name in pairs:
+        bn = model.get_submodule(bn_name)
+        conv = model.get_submodule(conv_name)
+        fused = fuse_bn(
+            of_conv2d(conv), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+        )
+        model.set_submodule(conv_name, to_conv2d(fused))
+        model.set_submodule(bn_name, nn.Identity())
+    return model
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How far a deployed model is from the trained one on the same inputs.
+
+    ``max_rel = max|a - b| / max|a|`` (relative to the output's scale);
+    ``argmax_agreement`` is the share of rows whose top class agrees.
+    """
+
+    max_abs: float
+    max_rel: float
+    argmax_agreement: float
+
+    def __str__(self) -> str:
+        return (
+            f"max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g}, "
+            f"argmax agreement {self.argmax_agreement:.2%}"
+        )
+
+
+@torch.no_grad()
+def verify(train_model: nn.Module, deploy_model: nn.Module, inputs: Tensor) -> Verification:
+    """Run both models in eval mode on ``inputs`` and compare their outputs."""
+    outputs = []
+    for model in (train_model, deploy_model):
+        was_training = model.training
+        model.eval()
+        outputs.append(model(inputs))
+        model.train(was_training)
+    reference, deployed = outputs
+    difference = (reference - deployed).abs().max().item()
+    scale = reference.abs().max().item()
+    agreement = 1.0
+    if reference.ndim == 2:
+        agreement = (reference.argmax(1) == deployed.argmax(1)).double().mean().item()
+    return Verification(difference, difference / scale if scale > 0 else difference, agreement)

@@ -1,0 +1,61 @@
+"""Shared test helpers: random BN statistics and random geometry."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random statistics and affine parameters (never the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for tensor, low, high in (
+                (module.running_mean, -1.0, 1.0),
+                (module.running_var, 0.3, 3.0),
+                (module.weight, 0.3, 2.0),
+                (module.bias, -1.0, 1.0),
+            ):
+                random = torch.rand(tensor.shape, generator=generator, dtype=torch.float64)
+                tensor.copy_(low + (high - low) * random)
+    return model
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """``max|a - b| / max|a|``."""
+    return ((reference - other).abs().max() / reference.abs().max()).item()
+
+
+@st.composite
+def block_geometry(draw, odd_kernels: bool = True):
+    """Random geometry for a block: channels, groups, kernel, stride, padding, dilation, image."""
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and groups == 1
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 3))
+    if depthwise:
+        channels = draw(st.integers(2, 5))
+        in_channels = out_channels = groups = channels
+    sizes = [1, 3, 5] if odd_kernels else [1, 2, 3, 4]
+    kernel = (draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes)))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    same = [d * (k - 1) // 2 for d, k in zip(dilation, kernel)]
+    padding = tuple(draw(st.integers(0, s + 2)) for s in same)
+    image = []
+    for k, d, p in zip(kernel, dilation, padding):
+        smallest = max(1, d * (k - 1) + 1 - 2 * p)
+        image.append(draw(st.integers(smallest, smallest + 7)))
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "kernel_size": kernel,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "groups": groups,
+        "image": tuple(image),
+    }

@@ -1,0 +1,139 @@
+"""RepBlock: every branch and preset deploys to the same function, on random geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import block_geometry, randomize_norms, relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repnet import PRESETS, RepBlock
+from repnet.branches import BRANCHES
+
+
+def build(geometry: dict, branches, dtype=torch.float64, seed: int = 0) -> RepBlock:
+    torch.manual_seed(seed)
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    block = RepBlock(**args, branches=branches, act=None).to(dtype)
+    return randomize_norms(block, seed).eval()
+
+
+def sample(geometry: dict, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, geometry["in_channels"], *geometry["image"], generator=generator).to(
+        dtype
+    )
+
+
+def deploy_error(block: RepBlock, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected = block(x)
+        block.switch_to_deploy()
+        return relative_error(expected, block(x))
+
+
+def fits(geometry: dict, name: str) -> bool:
+    """Whether branch ``name`` can be built for this geometry (identity has conditions)."""
+    try:
+        build(geometry, [name])
+    except ValueError:
+        return False
+    return True
+
+
+@given(geometry=block_geometry(), name=st.sampled_from(sorted(BRANCHES)))
+def test_every_branch_alone_deploys_exactly(geometry, name):
+    if not fits(geometry, name):
+        assert name == "identity"
+        return
+    assert deploy_error(build(geometry, [name]), sample(geometry)) <= 1e-10
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+def test_every_preset_deploys_exactly_in_float64(geometry, preset):
+    block = build(geometry, preset)
+    assert deploy_error(block, sample(geometry)) <= 1e-10
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+def test_every_preset_deploys_within_float32_tolerance(geometry, preset):
+    block = build(geometry, preset, dtype=torch.float32)
+    assert deploy_error(block, sample(geometry, torch.float32)) <= 1e-5
+
+
+@given(geometry=block_geometry(odd_kernels=False), preset=st.sampled_from(["plain", "acb"]))
+def test_even_kernels_deploy_or_say_which_branch_cannot_be_centred(geometry, preset):
+    try:
+        block = build(geometry, preset)
+    except ValueError as error:
+        assert "cannot be centred" in str(error)
+        assert any(k % 2 == 0 for k in geometry["kernel_size"]) and preset == "acb"
+        return
+    assert deploy_error(block, sample(geometry)) <= 1e-10
+
+
+@given(geometry=block_geometry())
+def test_statistics_learned_in_training_mode_deploy_exactly(geometry):
+    block = build(geometry, ["kxk", "1x1_kxk", "1x1_avg"]).train()
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    for step in range(3):
+        loss = block(sample(geometry, seed=10 + step)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert deploy_error(block.eval(), sample(geometry)) <= 1e-10
+
+
+def test_switch_to_deploy_is_idempotent_and_drops_branch_state():
+    block = randomize_norms(RepBlock(4, 4, branches="dbb")).eval()
+    x = torch.randn(2, 4, 7, 9)
+    block.switch_to_deploy()
+    first = block(x)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    block.switch_to_deploy()
+    assert torch.equal(first, block(x))
+    assert set(state) == {"fused.weight", "fused.bias"}
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules())
+
+
+def test_deploy_true_builds_the_fused_form_directly():
+    trained = randomize_norms(RepBlock(3, 6, (3, 5), stride=2, dilation=2)).eval()
+    direct = RepBlock(3, 6, (3, 5), stride=2, dilation=2, deploy=True)
+    trained.switch_to_deploy()
+    direct.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 3, 11, 12)
+    assert torch.equal(trained(x), direct(x))
+
+
+def test_presets_leave_out_an_identity_that_cannot_exist():
+    assert "identity" in RepBlock(4, 4, branches="full").branch_names
+    assert "identity" not in RepBlock(4, 8, branches="full").branch_names
+    assert "identity" not in RepBlock(4, 4, stride=2, branches="repvgg").branch_names
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"in_channels": 4, "out_channels": 8, "branches": ["kxk", "identity"]}, "in_channels"),
+        ({"in_channels": 4, "out_channels": 4, "stride": 2, "branches": ["identity"]}, "stride"),
+        ({"in_channels": 4, "out_channels": 4, "kernel_size": 2, "branches": "full"}, "centred"),
+        ({"in_channels": 4, "out_channels": 6, "groups": 4}, "divisible"),
+        ({"in_channels": 4, "out_channels": 4, "padding": -1}, "non-negative"),
+        ({"in_channels": 4, "out_channels": 4, "dilation": 0}, "dilation"),
+        ({"in_channels": 4, "out_channels": 4, "branches": "fancy"}, "unknown branch preset"),
+        ({"in_channels": 4, "out_channels": 4, "branches": ["kxk", "3x3"]}, "distinct names"),
+        ({"in_channels": 4, "out_channels": 4, "branches": ["kxk", "kxk"]}, "distinct names"),
+    ],
+)
+def test_bad_geometry_is_a_value_error_that_says_why(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RepBlock(**kwargs)
+
+
+def test_gradients_reach_every_branch():
+    block = RepBlock(4, 4, branches="full").train()
+    block(torch.randn(2, 4, 6, 6)).sum().backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

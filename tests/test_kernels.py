@@ -1,0 +1,314 @@
+"""Property tests of the kernel algebra, in float64 on random geometry."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repnet import kernels
+from repnet.kernels import Conv
+
+TOLERANCE = 1e-10
+
+
+def random_conv(draw, in_channels=None, groups=None, kernel=None, stride=None, dilation=None):
+    """A random :class:`Conv` in float64; any argument given is kept."""
+    groups = groups or draw(st.sampled_from([1, 1, 2, 3]))
+    in_channels = in_channels or groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 3))
+    kernel = kernel or (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = stride or (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = dilation or (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = tuple(draw(st.integers(-1, d * (k - 1) + 1)) for k, d in zip(kernel, dilation))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(
+        out_channels, in_channels // groups, *kernel, generator=generator, dtype=torch.float64
+    )
+    bias = torch.randn(out_channels, generator=generator, dtype=torch.float64)
+    return Conv(weight, bias, stride, padding, dilation, groups)
+
+
+def random_input(conv: Conv, extra: tuple[int, int] = (0, 0), seed: int = 1) -> torch.Tensor:
+    """An input (odd-ish, non-square) large enough for ``conv`` to produce an output."""
+    size = [
+        max(1, d * (k - 1) + 1 - 2 * p) + e
+        for k, d, p, e in zip(conv.kernel_size, conv.dilation, conv.padding, extra)
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(2, conv.in_channels, *size, generator=generator, dtype=torch.float64)
+
+
+def assert_close(reference: torch.Tensor, other: torch.Tensor, tolerance: float = TOLERANCE):
+    assert reference.shape == other.shape
+    assert relative_error(reference, other) <= tolerance
+
+
+convs = st.composite(lambda draw: random_conv(draw))()
+extras = st.tuples(st.integers(0, 6), st.integers(0, 6))
+
+
+@given(conv=convs, extra=extras)
+def test_conv_call_crops_for_negative_padding(conv, extra):
+    x = random_input(conv, extra)
+    ph, pw = conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph))  # pads, or crops where negative
+    expected = F.conv2d(padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    assert_close(expected, conv(x))
+
+
+@given(conv=convs, extra=extras, seed=st.integers(0, 2**16))
+def test_fuse_bn_equals_conv_then_batchnorm(conv, extra, seed):
+    generator = torch.Generator().manual_seed(seed)
+    channels = conv.out_channels
+    stats = [torch.rand(channels, generator=generator, dtype=torch.float64) for _ in range(4)]
+    mean, var, gamma, beta = stats[0] - 0.5, stats[1] + 0.2, stats[2] + 0.5, stats[3] - 0.5
+    x = random_input(conv, extra)
+    expected = F.batch_norm(conv(x), mean, var, gamma, beta, training=False, eps=1e-3)
+    assert_close(expected, kernels.fuse_bn(conv, mean, var, gamma, beta, 1e-3)(x))
+
+
+@given(conv=convs, extra=extras, grow=st.tuples(st.integers(0, 2), st.integers(0, 2)))
+def test_pad_to_keeps_the_function(conv, extra, grow):
+    size = (conv.kernel_size[0] + 2 * grow[0], conv.kernel_size[1] + 2 * grow[1])
+    padded = kernels.pad_to(conv, size)
+    assert padded.kernel_size == size
+    x = random_input(conv, extra)
+    assert_close(conv(x), padded(x))
+
+
+def test_pad_to_refuses_an_odd_difference():
+    conv = Conv(torch.ones(1, 1, 1, 1), torch.zeros(1))
+    with pytest.raises(ValueError, match="cannot centre"):
+        kernels.pad_to(conv, (2, 3))
+
+
+@st.composite
+def parallel_convs(draw):
+    """A main conv and smaller ones (1x1, 1xk, kx1) lined up with it, all of equal reach."""
+    main = random_conv(
+        draw, kernel=(draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([3, 5])))
+    )
+    others = []
+    for size in [(1, 1), (1, main.kernel_size[1]), (main.kernel_size[0], 1)]:
+        weight_seed = draw(st.integers(0, 2**16))
+        generator = torch.Generator().manual_seed(weight_seed)
+        padding = tuple(
+            p - d * (big - small) // 2
+            for p, d, big, small in zip(main.padding, main.dilation, main.kernel_size, size)
+        )
+        weight = torch.randn(
+            main.out_channels, main.weight.shape[1], *size, generator=generator, dtype=torch.float64
+        )
+        bias = torch.randn(main.out_channels, generator=generator, dtype=torch.float64)
+        others.append(replace(main, weight=weight, bias=bias, padding=padding))
+    return [main, *others]
+
+
+@given(branches=parallel_convs(), extra=extras)
+def test_add_equals_the_sum_of_parallel_convs(branches, extra):
+    x = random_input(branches[0], extra)
+    expected = sum(conv(x) for conv in branches)
+    assert_close(expected, kernels.add(*branches)(x))
+
+
+@given(branches=parallel_convs(), extra=extras)
+def test_concat_equals_stacked_outputs(branches, extra):
+    x = random_input(branches[0], extra)
+    expected = torch.cat([conv(x) for conv in branches], dim=1)
+    assert_close(expected, kernels.concat(*branches)(x))
+
+
+def test_add_refuses_outputs_that_do_not_line_up():
+    one = Conv(torch.ones(1, 1, 3, 3), torch.zeros(1), padding=(1, 1))
+    other = Conv(torch.ones(1, 1, 1, 1), torch.zeros(1), padding=(1, 1))
+    with pytest.raises(ValueError, match="reach"):
+        kernels.add(one, other)
+
+
+@given(conv=convs, extra=extras)
+def test_dense_keeps_the_function(conv, extra):
+    x = random_input(conv, extra)
+    assert_close(conv(x), kernels.dense(conv)(x))
+
+
+@given(conv=convs, extra=extras, factor=st.tuples(st.integers(1, 3), st.integers(1, 3)))
+def test_dilate_turns_dilation_into_zero_taps(conv, extra, factor):
+    dilated = replace(conv, dilation=(conv.dilation[0] * factor[0], conv.dilation[1] * factor[1]))
+    spread = replace(conv, weight=kernels.dilate(conv.weight, factor))
+    x = random_input(dilated, extra)
+    assert_close(dilated(x), spread(x))
+
+
+@given(
+    channels=st.integers(1, 6),
+    groups=st.sampled_from([1, 2]),
+    padding=st.tuples(st.integers(-1, 2), st.integers(-1, 2)),
+)
+def test_identity_kernel_is_the_identity(channels, groups, padding):
+    channels *= groups
+    x = torch.randn(2, channels, 7, 6, dtype=torch.float64)
+    conv = kernels.identity(channels, groups, padding, like=x)
+    ph, pw = padding
+    assert_close(F.pad(x, (pw, pw, ph, ph)), conv(x))
+
+
+@given(
+    channels=st.integers(1, 4),
+    groups=st.sampled_from([1, 2]),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    data=st.data(),
+)
+def test_avgpool_kernel_equals_avg_pool2d(channels, groups, kernel, stride, data):
+    channels *= groups
+    padding = tuple(data.draw(st.integers(0, k // 2)) for k in kernel)
+    x = torch.randn(2, channels, 9, 8, dtype=torch.float64)
+    conv = kernels.avgpool(channels, kernel, groups, stride, padding, like=x)
+    expected = F.avg_pool2d(x, kernel, stride, padding, count_include_pad=True)
+    assert_close(expected, conv(x))
+
+
+@given(
+    a=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    b=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_is_a_true_convolution(a, b, seed):
+    """Commutative with full padding, and a delta reproduces the kernel unflipped."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, *a, generator=generator, dtype=torch.float64)
+    k = torch.randn(1, 1, *b, generator=generator, dtype=torch.float64)
+    x_k = kernels.conv2d(x, k, padding=(b[0] - 1, b[1] - 1))
+    k_x = kernels.conv2d(k, x, padding=(a[0] - 1, a[1] - 1))
+    assert_close(x_k, k_x)
+    delta = torch.zeros(1, 1, 1, 1, dtype=torch.float64) + 1
+    assert_close(k, kernels.conv2d(delta, k, padding=(b[0] - 1, b[1] - 1)))
+
+
+@st.composite
+def sequential_convs(draw):
+    first = random_conv(draw)
+    same_groups = draw(st.booleans())
+    groups = first.groups if same_groups else 1
+    second = random_conv(draw, in_channels=first.out_channels, groups=groups)
+    if first.out_channels % second.groups:
+        second = random_conv(draw, in_channels=first.out_channels, groups=1)
+    padding = tuple(max(0, p) for p in second.padding)
+    return first, replace(second, padding=padding)
+
+
+def run_exactly(first: Conv, second: Conv, x: torch.Tensor) -> torch.Tensor:
+    """``second`` on ``first``'s true output: ``first`` padded by ``p₁ + s₁p₂``, ``second`` by 0."""
+    extended = tuple(
+        p1 + s1 * p2 for p1, s1, p2 in zip(first.padding, first.stride, second.padding)
+    )
+    return replace(second, padding=(0, 0))(replace(first, padding=extended)(x))
+
+
+@given(pair=sequential_convs(), extra=extras)
+def test_compose_equals_the_sequence_everywhere(pair, extra):
+    first, second = pair
+    composed = kernels.compose(first, second)
+    x = random_input(composed, extra)
+    assert_close(run_exactly(first, second, x), composed(x))
+
+
+@given(pair=sequential_convs(), extra=extras)
+def test_compose_equals_the_naive_sequence_when_second_has_no_padding(pair, extra):
+    first, second = pair
+    second = replace(second, padding=(0, 0))
+    composed = kernels.compose(first, second)
+    x = random_input(composed, extra)
+    assert_close(second(first(x)), composed(x))
+
+
+def test_naive_sequence_differs_at_the_border_when_the_intermediate_is_zero_padded():
+    """Why branches pad the first stage instead: zeros are not what the first conv gives."""
+    torch.manual_seed(0)
+    first = Conv(
+        torch.randn(2, 1, 3, 3, dtype=torch.float64),
+        torch.randn(2, dtype=torch.float64),
+        padding=(1, 1),
+    )
+    second = Conv(
+        torch.randn(1, 2, 3, 3, dtype=torch.float64),
+        torch.randn(1, dtype=torch.float64),
+        padding=(1, 1),
+    )
+    x = torch.randn(1, 1, 9, 9, dtype=torch.float64)
+    naive, exact = second(first(x)), kernels.compose(first, second)(x)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert_close(naive[inner], exact[inner])
+    assert relative_error(exact, naive) > 1e-3
+
+
+def test_worked_example_3x3_then_5x5_full_padding_is_one_7x7():
+    torch.manual_seed(0)
+    first = Conv(
+        torch.randn(100, 1, 3, 3, dtype=torch.float64),
+        torch.zeros(100, dtype=torch.float64),
+        padding=(2, 2),
+    )
+    second = Conv(
+        torch.randn(2, 100, 5, 5, dtype=torch.float64),
+        torch.zeros(2, dtype=torch.float64),
+        padding=(4, 4),
+    )
+    composed = kernels.compose(first, second)
+    assert composed.weight.shape == (2, 1, 7, 7)
+    assert composed.padding == (6, 6)
+    x = torch.randn(3, 1, 11, 8, dtype=torch.float64)
+    # Full padding and no bias: the naive zero-padded sequence is exact.
+    assert_close(second(first(x)), composed(x))
+
+
+def test_worked_example_3x3_then_3x5_with_biases_is_one_5x7_with_bias():
+    torch.manual_seed(1)
+    first = Conv(
+        torch.randn(4, 3, 3, 3, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+        padding=(1, 1),
+    )
+    second = Conv(
+        torch.randn(5, 4, 3, 5, dtype=torch.float64),
+        torch.randn(5, dtype=torch.float64),
+        padding=(1, 2),
+    )
+    composed = kernels.compose(first, second)
+    assert composed.weight.shape == (5, 3, 5, 7)
+    assert composed.padding == (2, 3)
+    x = torch.randn(2, 3, 10, 13, dtype=torch.float64)
+    assert_close(run_exactly(first, second, x), composed(x))
+    assert composed.bias.abs().min() > 0
+
+
+def test_compose_refuses_mismatched_channels():
+    one = Conv(torch.ones(2, 1, 1, 1), torch.zeros(2))
+    with pytest.raises(ValueError, match="channels"):
+        kernels.compose(one, one)
+
+
+def test_the_algebra_is_differentiable():
+    first = Conv(torch.randn(3, 2, 1, 1, requires_grad=True), torch.zeros(3))
+    second = Conv(torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True))
+    third = Conv(torch.randn(4, 2, 1, 1, requires_grad=True), torch.zeros(4), padding=(-1, -1))
+    merged = kernels.add(kernels.compose(first, second), third)
+    (merged.weight.square().sum() + merged.bias.sum()).backward()
+    assert all(t.grad.abs().sum() > 0 for t in (first.weight, second.weight, third.weight))
+
+
+def test_to_conv2d_round_trips():
+    conv = Conv(torch.randn(4, 2, 3, 1), torch.randn(4), (2, 1), (1, 0), (1, 2), 2)
+    module = kernels.to_conv2d(conv)
+    back = kernels.of_conv2d(module)
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(module(x), conv(x)) and back.stride == conv.stride
+    with pytest.raises(ValueError, match="negative"):
+        kernels.to_conv2d(replace(conv, padding=(-1, 0)))
