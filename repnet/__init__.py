@@ -1,6 +1,7 @@
 """repnet: structural re-parameterization for PyTorch."""
 
+from repnet import kernels, models
 from repnet.block import PRESETS, RepBlock
 from repnet.reparam import Verification, reparameterize, verify
 
-__all__ = ["PRESETS", "RepBlock", "Verification", "reparameterize", "verify"]
+__all__ = ["PRESETS", "RepBlock", "Verification", "kernels", "models", "reparameterize", "verify"]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from repnet.branches import BRANCHES, BranchNorm, Geometry
+from repnet.branches import BRANCHES, Geometry
 from repnet.kernels import Conv, add, of_conv2d, pad_to, pair, to_conv2d
 
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -114,7 +114,7 @@ class RepBlock(nn.Module):
         else:
             self.fused = None
             self.branches = nn.ModuleDict(
-                {name: BRANCHES[name](geo, BranchNorm) for name in self.branch_names}
+                {name: BRANCHES[name](geo, nn.BatchNorm2d) for name in self.branch_names}
             )
 
     @property
@@ -151,3 +151,16 @@ class RepBlock(nn.Module):
             f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
             f"groups={geo.groups}, branches={list(self.branch_names)}, deployed={self.deployed}"
         )
+
+
+@torch.no_grad()
+def branch_shares(model: nn.Module) -> dict[str, list[float]]:
+    """Per branch type, each undeployed block's share ``‖W_b‖ / Σ_b' ‖W_b'‖`` of its kernel."""
+    shares: dict[str, list[float]] = {}
+    for module in model.modules():
+        if isinstance(module, RepBlock) and not module.deployed:
+            norms = {name: k.weight.norm() for name, k in module.branch_kernels().items()}
+            total = sum(norms.values())
+            for name, norm in norms.items():
+                shares.setdefault(name, []).append((norm / total).item())
+    return shares

@@ -20,13 +20,6 @@ from torch import Tensor, nn
 from repnet.kernels import Conv, Pair, affine, apply_conv, avgpool, compose, fuse_bn, identity
 
 
-class BranchNorm(nn.BatchNorm2d):
-    """BatchNorm that folds into the conv before it: ``W·γ/σ``, ``β + (b - μ)·γ/σ``."""
-
-    def fuse(self, conv: Conv) -> Conv:
-        return fuse_bn(conv, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-
-
 class ChannelScale(nn.Module):
     """A learnable per-channel scale ``y = γ·x``, the linear stand-in for BN in online mode."""
 
@@ -41,7 +34,15 @@ class ChannelScale(nn.Module):
         return affine(conv, self.weight, torch.zeros_like(self.weight))
 
 
-Norm = BranchNorm | ChannelScale
+Norm = nn.BatchNorm2d | ChannelScale
+
+
+def fuse_norm(norm: nn.Module, conv: Conv) -> Conv:
+    """Fold a stage's norm into its conv: a BatchNorm (also once made a ``SyncBatchNorm``) by its
+    running statistics, ``W·γ/σ``, ``β + (b - μ)·γ/σ``; a ``ChannelScale`` by its scale."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return fuse_bn(conv, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+    return norm.fuse(conv)
 
 
 class KernelOp(nn.Module):
@@ -97,7 +98,7 @@ class Stage(nn.Module):
         return self.norm(self.op(x))
 
     def kernel(self) -> Conv:
-        return self.norm.fuse(self.op.kernel())
+        return fuse_norm(self.norm, self.op.kernel())
 
 
 class Branch(nn.Sequential):

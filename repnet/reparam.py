@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from repnet.kernels import fuse_bn, of_conv2d, to_conv2d
 
+BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
 
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Deploy form of ``model``, in eval mode: every ``switch_to_deploy()`` called, conv→BN fused.
@@ -40,7 +42,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCH_NORMS):
             continue
         source = node.args[0]
         if (

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
+import pytorch_lightning as pl
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -59,3 +63,52 @@ def block_geometry(draw, odd_kernels: bool = True):
         "groups": groups,
         "image": tuple(image),
     }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A short real run: two epochs of a few batches, no progress bar.
+QUICK = [
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "+trainer.num_sanity_val_steps=0",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose(overrides: list[str] = (), return_hydra_config: bool = False):
+    """The training config as ``train.py`` would compose it, with ``overrides``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3", job_name="test"):
+        return hydra_compose(
+            "train", overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+
+
+class CrashAtEpochStart(pl.Callback):
+    """Raises as training epoch ``epoch`` starts: a run killed mid-way."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+class RecordStart(pl.Callback):
+    """Records the epoch, step, learning rate and optimizer state with which ``fit`` starts."""
+
+    seen: ClassVar[dict] = {}
+
+    def on_train_start(self, trainer, module):
+        optimizer = trainer.optimizers[0]
+        RecordStart.seen.update(
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            lr=optimizer.param_groups[0]["lr"],
+            optimizer_states=len(optimizer.state),
+        )

@@ -113,3 +113,16 @@ def test_conv_value_round_trip_keeps_geometry():
     module = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 3), dilation=(1, 2), groups=2)
     conv = of_conv2d(module)
     assert isinstance(conv, Conv) and conv.groups == 2 and conv.dilation == (1, 2)
+
+
+def test_sync_batchnorm_models_convert_too():
+    """``trainer=ddp`` turns every BatchNorm into a SyncBatchNorm; conversion must not care."""
+    model = nn.Sequential(
+        repnet.RepBlock(3, 4, branches="dbb"), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_norms(model)).double().eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    deployed = repnet.reparameterize(model)
+    assert no_batchnorm_left(deployed)
+    assert repnet.verify(model, deployed, x).max_rel <= 1e-10

@@ -1,0 +1,35 @@
+"""Block factories: how a backbone asks for a 'kxk conv' without knowing the branch set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+
+from torch import nn
+
+from repnet.block import RepBlock
+
+BlockFactory = Callable[..., nn.Module]
+BlockChoice = str | Sequence[str] | Mapping | BlockFactory
+
+
+def block_factory(block: BlockChoice, deploy: bool = False) -> BlockFactory:
+    """A callable ``(in, out, kernel_size=3, stride=1, groups=1, act=nn.ReLU) -> module``.
+
+    ``block`` is a preset name (``"dbb"``), a list of branch names, a mapping of
+    ``RepBlock`` options (``{"branches": "acb", ...}``) or a factory already.
+    ``deploy=True`` builds the fused form directly.
+    """
+    if callable(block):
+        return block
+    options = dict(block) if isinstance(block, Mapping) else {"branches": block}
+    if isinstance(options.get("branches"), Sequence) and not isinstance(options["branches"], str):
+        options["branches"] = list(options["branches"])
+    return partial(RepBlock, **options, deploy=deploy)
+
+
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """A 1x1 conv and its BN, for shortcuts (``reparameterize`` folds the BN)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+    )

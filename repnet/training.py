@@ -1,0 +1,115 @@
+"""Training from a composed Hydra config: data, model, Lightning trainer, run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+from repnet.module import Classifier
+from repnet.reparam import reparameterize
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The plain architecture description a checkpoint carries: ``cfg.model`` plus ``cfg.block``."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["block"] = OmegaConf.to_container(cfg.block, resolve=True)
+    return model
+
+
+def build_module(cfg: DictConfig, datamodule) -> Classifier:
+    return Classifier(
+        model=model_config(cfg),
+        num_classes=datamodule.num_classes,
+        in_channels=datamodule.in_channels,
+        optimizer=OmegaConf.to_container(cfg.optim, resolve=True),
+        label_smoothing=cfg.label_smoothing,
+        deploy_check=cfg.deploy_check,
+    )
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(run_dir / "checkpoints")
+    return callbacks
+
+
+@torch.no_grad()
+def deploy_gap(module: Classifier, datamodule) -> dict[str, float]:
+    """Convert the final model and compare it with the trained one on the whole validation set."""
+    model = module.model.eval()
+    deployed = reparameterize(model)
+    gap, agree, correct, total = 0.0, 0, 0, 0
+    for images, labels in datamodule.val_dataloader():
+        logits, deployed_logits = model(images), deployed(images)
+        gap = max(gap, (logits - deployed_logits).abs().max().item())
+        agree += (logits.argmax(1) == deployed_logits.argmax(1)).sum().item()
+        correct += (deployed_logits.argmax(1) == labels).sum().item()
+        total += len(labels)
+    return {
+        "max_abs_diff": gap,
+        "argmax_agreement": agree / total,
+        "deploy_val_acc": correct / total,
+    }
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing checkpoints, logs and the resolved config into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    callbacks = build_callbacks(cfg, run_dir)
+    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    datamodule.setup("validate")
+    summary = {
+        "best_val_acc": best_score(checkpoint) if checkpoint is not None else None,
+        **deploy_gap(module, datamodule),
+        "run_dir": str(run_dir),
+        "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+    }
+    if trainer.is_global_zero:
+        print(summary_line(summary), flush=True)
+    return summary
+
+
+def best_score(checkpoint: ModelCheckpoint) -> float | None:
+    """The best monitored value; after a spawned (DDP) run it is only in the checkpoint file."""
+    if checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    if not checkpoint.best_model_path:
+        return None
+    saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    for state in saved["callbacks"].values():
+        if state.get("monitor") == checkpoint.monitor and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    return None
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    best = summary["best_val_acc"]
+    return (f"best val acc {best:.4f} | " if best is not None else "") + (
+        f"deploy gap {summary['max_abs_diff']:.2e} (deploy val acc "
+        f"{summary['deploy_val_acc']:.4f}, argmax agreement {summary['argmax_agreement']:.2%}) | "
+        f"run {summary['run_dir']} | best {summary['best_checkpoint']} | tensorboard --logdir "
+        f"{summary['run_dir']}"
+    )

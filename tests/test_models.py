@@ -1,0 +1,65 @@
+"""Backbones: every model converts to the same logits; the block choice reaches every block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_norms
+
+import repnet
+from repnet import RepBlock
+from repnet.models import MODELS, build_model, repvgg_a0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_deploys_to_the_same_logits(name):
+    torch.manual_seed(0)
+    options = {"block": "dbb", "stem": "small"} if name == "resnet18" else {"block": "full"}
+    model = build_model(name, num_classes=7, in_channels=3, **options)
+    model = randomize_norms(model).double().eval()
+    x = torch.randn(2, 3, 33, 31, dtype=torch.float64)
+    deployed = repnet.reparameterize(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    result = repnet.verify(model, deployed, x)
+    assert result.max_rel <= 1e-10 and result.argmax_agreement == 1.0
+
+
+def test_repvgg_sizes_follow_the_paper():
+    model = repvgg_a0(num_classes=1000, block="repvgg")
+    blocks = [m for m in model.modules() if isinstance(m, RepBlock)]
+    assert len(blocks) == 1 + 2 + 4 + 14 + 1
+    assert [blocks[i].geometry.out_channels for i in (0, 1, 3, 7, 21)] == [48, 48, 96, 192, 1280]
+    deployed = repnet.reparameterize(model)
+    assert sum(p.numel() for p in deployed.parameters()) == pytest.approx(8.31e6, rel=0.01)
+
+
+@pytest.mark.parametrize("block", ["plain", ["kxk", "1x1_avg"], {"branches": "acb"}])
+def test_the_block_choice_reaches_every_block(block):
+    model = build_model("tiny", num_classes=10, in_channels=1, block=block)
+    names = {m.branch_names for m in model.modules() if isinstance(m, RepBlock)}
+    expected = {"plain": ("kxk",), "acb": ("kxk", "1xk", "kx1")}
+    key = (
+        block
+        if isinstance(block, str)
+        else block.get("branches")
+        if isinstance(block, dict)
+        else None
+    )
+    assert names == {expected[key]} if key else {("kxk", "1x1_avg")}
+
+
+def test_small_input_options_are_options_not_forks():
+    model = build_model("repvgg_a0", num_classes=10, strides=[1, 1, 2, 2, 2])
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="strides"):
+        build_model("tiny", num_classes=10, strides=[1, 2])
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg99", num_classes=10)
+
+
+def test_deploy_true_builds_a_model_that_loads_deployed_weights():
+    trained = randomize_norms(build_model("tiny", num_classes=10, in_channels=1)).eval()
+    direct = build_model("tiny", num_classes=10, in_channels=1, deploy=True).eval()
+    direct.load_state_dict(repnet.reparameterize(trained).state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(trained(x), direct(x), rtol=1e-5, atol=1e-5)
