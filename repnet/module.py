@@ -53,21 +53,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of ``build_model(**model)``; logs loss, accuracy and, at every
+    """Cross-entropy training of ``build_model(**architecture)``; logs loss, accuracy and, at every
     validation end, the deploy gap of a converted copy and each branch type's kernel share."""
 
     def __init__(
         self,
-        model: dict[str, Any],
-        num_classes: int,
-        in_channels: int,
+        architecture: dict[str, Any],
+        input_size: list[int],
         optimizer: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         deploy_check: bool = True,
     ):
+        """``architecture`` is ``build_model``'s keywords (name, block, num_classes, …);
+        ``input_size`` is one sample's ``[C, H, W]``."""
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(**model, num_classes=num_classes, in_channels=in_channels)
+        self.model = build_model(**architecture)
+        num_classes = architecture["num_classes"]
         self.optimizer_options = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -15,18 +15,22 @@ from repnet.module import Classifier
 from repnet.reparam import reparameterize
 
 
-def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The plain architecture description a checkpoint carries: ``cfg.model`` plus ``cfg.block``."""
+def architecture(cfg: DictConfig, datamodule) -> dict[str, Any]:
+    """``build_model``'s keywords: ``cfg.model`` with ``cfg.block`` and the data's shape."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model["block"] = OmegaConf.to_container(cfg.block, resolve=True)
-    return model
+    block = OmegaConf.to_container(cfg.block, resolve=True)
+    return {
+        **model,
+        "block": block,
+        "num_classes": datamodule.num_classes,
+        "in_channels": datamodule.in_channels,
+    }
 
 
 def build_module(cfg: DictConfig, datamodule) -> Classifier:
     return Classifier(
-        model=model_config(cfg),
-        num_classes=datamodule.num_classes,
-        in_channels=datamodule.in_channels,
+        architecture=architecture(cfg, datamodule),
+        input_size=[datamodule.in_channels, datamodule.image_size, datamodule.image_size],
         optimizer=OmegaConf.to_container(cfg.optim, resolve=True),
         label_smoothing=cfg.label_smoothing,
         deploy_check=cfg.deploy_check,
@@ -64,10 +68,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing checkpoints, logs and the resolved config into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule)
+    shape = {key: module.hparams[key] for key in ("architecture", "input_size")}
+    resolved = {**OmegaConf.to_container(cfg, resolve=True), **shape}
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     callbacks = build_callbacks(cfg, run_dir)
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
     trainer = instantiate(

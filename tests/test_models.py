@@ -57,9 +57,10 @@ def test_small_input_options_are_options_not_forks():
         build_model("vgg99", num_classes=10)
 
 
-def test_deploy_true_builds_a_model_that_loads_deployed_weights():
-    trained = randomize_norms(build_model("tiny", num_classes=10, in_channels=1)).eval()
-    direct = build_model("tiny", num_classes=10, in_channels=1, deploy=True).eval()
-    direct.load_state_dict(repnet.reparameterize(trained).state_dict())
-    x = torch.randn(3, 1, 8, 8)
-    assert torch.allclose(trained(x), direct(x), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("name", ["tiny", "resnet18"])
+def test_deploy_true_builds_the_converted_architecture_directly(name):
+    trained = randomize_norms(build_model(name, num_classes=10, in_channels=1)).eval()
+    direct = build_model(name, num_classes=10, in_channels=1, deploy=True).eval()
+    direct.load_state_dict(repnet.reparameterize(trained).state_dict())  # strict: same keys
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.allclose(trained(x), direct(x), rtol=1e-4, atol=1e-5)

@@ -80,13 +80,15 @@ def test_the_default_run_learns_and_deploys_exactly(default_run):
     assert summary["max_abs_diff"] < 1e-4 and summary["argmax_agreement"] == 1.0
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.block.branches == "full" and saved.model.name == "tiny"
+    assert saved.architecture.num_classes == 10 and list(saved.input_size) == [1, 8, 8]
 
 
 def test_checkpoints_load_with_weights_only(default_run):
     run_dir, _ = default_run
     for name in ("best.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert checkpoint["hyper_parameters"]["model"]["block"] == {"branches": "full"}
+        assert checkpoint["hyper_parameters"]["architecture"]["block"] == {"branches": "full"}
+        assert checkpoint["hyper_parameters"]["input_size"] == [1, 8, 8]
         assert any(key.startswith("model.") for key in checkpoint["state_dict"])
 
 
@@ -109,7 +111,7 @@ def test_tensorboard_events_hold_the_curves_and_the_reparameterization_view(defa
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"])
     assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_acc"]
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["model/block/branches"].string_value == "full"
+    assert start.session_start_info.hparams["architecture/block/branches"].string_value == "full"
     first_value = events.Scalars("hp/val_acc")[0].value
     assert first_value > 0.1  # a real accuracy, not a placeholder
 

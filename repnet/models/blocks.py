@@ -28,8 +28,8 @@ def block_factory(block: BlockChoice, deploy: bool = False) -> BlockFactory:
     return partial(RepBlock, **options, deploy=deploy)
 
 
-def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    """A 1x1 conv and its BN, for shortcuts (``reparameterize`` folds the BN)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-    )
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1, deploy: bool = False):
+    """A 1x1 conv and its BN, for shortcuts; ``reparameterize`` folds the BN, and
+    ``deploy=True`` builds that folded form (conv with bias, BN an identity)."""
+    conv = nn.Conv2d(in_channels, out_channels, 1, stride, bias=deploy)
+    return nn.Sequential(conv, nn.Identity() if deploy else nn.BatchNorm2d(out_channels))

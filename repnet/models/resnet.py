@@ -10,12 +10,16 @@ from repnet.models.blocks import BlockChoice, BlockFactory, block_factory, conv_
 class BasicBlock(nn.Module):
     """``relu(block₂(block₁(x)) + shortcut(x))``, the second block without activation."""
 
-    def __init__(self, make: BlockFactory, in_channels: int, out_channels: int, stride: int):
+    def __init__(
+        self, make: BlockFactory, in_channels: int, out_channels: int, stride: int, deploy: bool
+    ):
         super().__init__()
         self.first = make(in_channels, out_channels, stride=stride)
         self.second = make(out_channels, out_channels, act=None)
         needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = conv_bn(in_channels, out_channels, stride) if needs_projection else None
+        self.shortcut = (
+            conv_bn(in_channels, out_channels, stride, deploy) if needs_projection else None
+        )
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -46,7 +50,10 @@ class ResNet18(nn.Module):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
         layers, channels = [], 64
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(make, channels, width, stride), BasicBlock(make, width, width, 1)]
+            layers += [
+                BasicBlock(make, channels, width, stride, deploy),
+                BasicBlock(make, width, width, 1, deploy),
+            ]
             channels = width
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
