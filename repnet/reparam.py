@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,14 +99,23 @@ class Verification:
 
 
 @torch.no_grad()
-def verify(train_model: nn.Module, deploy_model: nn.Module, inputs: Tensor) -> Verification:
-    """Run both models in eval mode on ``inputs`` and compare their outputs."""
+def verify(
+    train_model: Callable[[Tensor], Tensor],
+    deploy_model: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+) -> Verification:
+    """Run both on ``inputs`` (modules in eval mode, restored after) and compare the outputs.
+
+    Either side may be any callable, e.g. an ONNX Runtime session wrapped in a function.
+    """
     outputs = []
     for model in (train_model, deploy_model):
-        was_training = model.training
-        model.eval()
+        was_training = isinstance(model, nn.Module) and model.training
+        if was_training:
+            model.eval()
         outputs.append(model(inputs))
-        model.train(was_training)
+        if was_training:
+            model.train()
     reference, deployed = outputs
     difference = (reference - deployed).abs().max().item()
     scale = reference.abs().max().item()

@@ -1,0 +1,28 @@
+"""Convert a training checkpoint to its verified deploy form: ``python deploy.py ckpt_path=...``."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+@hydra.main(config_path="configs", config_name="deploy", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from repnet.checkpoints import DeployError
+    from repnet.deployment import deploy
+
+    try:
+        report = deploy(**OmegaConf.to_container(cfg, resolve=True))
+    except DeployError as error:
+        print(f"deploy.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    for name, check in report.checks.items():
+        print(f"verified on {name}: {check}")
+    for note in report.notes:
+        print(note)
+    print(report.table())
+    print(f"written to {report.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""From a training checkpoint to a verified deploy form, its files and a cost report."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from repnet.checkpoints import Checkpoint, DeployError, load_checkpoint, staged
+from repnet.export import EXPORTERS, Runner
+from repnet.models import build_model
+from repnet.reparam import Verification, reparameterize, verify
+
+CONFIG_NAME, WEIGHTS_NAME = "config.yaml", "model.safetensors"
+
+
+@dataclass
+class DeployReport:
+    """What ``deploy`` checked, wrote and measured."""
+
+    out_dir: Path
+    checks: dict[str, Verification]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        header = ("form", "parameters", "MFLOPs/image", "CPU ms, batch 1", "file", "MB")
+        lines = [header] + [tuple(str(row.get(key, "")) for key in header) for row in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def find_run_config(ckpt_path: Path, config: str | Path | None) -> DictConfig | None:
+    """The given config file, else ``config.yaml`` beside the checkpoint or one folder up."""
+    if config is not None:
+        if not Path(config).is_file():
+            raise DeployError(f"no config file at {config}")
+        return OmegaConf.load(config)
+    for candidate in (ckpt_path.parent / CONFIG_NAME, ckpt_path.parent.parent / CONFIG_NAME):
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    return None
+
+
+def describe(checkpoint: Checkpoint, run_config: DictConfig | None) -> tuple[dict, list[int]]:
+    """``build_model`` keywords and one sample's ``[C, H, W]``, from run config or checkpoint."""
+    for source in (run_config, checkpoint.hyper_parameters):
+        if source is not None and "architecture" in source and "input_size" in source:
+            plain = OmegaConf.to_container(OmegaConf.create(dict(source)), resolve=True)
+            return plain["architecture"], list(plain["input_size"])
+    raise DeployError(
+        "cannot tell the architecture: the checkpoint holds none and no run config.yaml was "
+        "found beside it; pass config=<run>/config.yaml"
+    )
+
+
+def _mismatch(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return [
+        f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''} ({len(keys)})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("resized", resized))
+        if keys
+    ]
+
+
+def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
+    """The model the weights belong to, in train form or (for deployed weights) deploy form."""
+    already_deployed = any(".fused." in key for key in state)
+    forms = (True, False) if already_deployed else (False, True)
+    problems = None
+    for deploy in forms:
+        model = build_model(**architecture, deploy=deploy)
+        mismatch = _mismatch(model, state)
+        if not mismatch:
+            model.load_state_dict(state)
+            return model.eval()
+        problems = problems or mismatch
+    raise DeployError(
+        f"the checkpoint is not a {architecture.get('name')} with block "
+        f"{architecture.get('block')}: {'; '.join(problems)}"
+    )
+
+
+def validation_batch(run_config: DictConfig | None, batches: int) -> tuple[Tensor | None, str]:
+    """Real validation images from the run's data, when it is a repnet dataset that is here."""
+    data = run_config.get("data") if run_config is not None else None
+    if batches < 1 or data is None:
+        return None, "no real data: random inputs only"
+    if not str(data.get("_target_", "")).startswith("repnet.data."):
+        return None, "the run's data is not a repnet dataset: random inputs only"
+    try:
+        datamodule = instantiate(data)
+        datamodule.setup("validate")
+        loader = iter(datamodule.val_dataloader())
+        images = torch.cat([next(loader)[0] for _ in range(batches)])
+    except (Exception, StopIteration) as error:
+        return None, f"real data unavailable ({type(error).__name__}: {error}): random inputs only"
+    return images, f"{len(images)} real validation images"
+
+
+def latency_ms(run: Runner, x: Tensor, runs: int) -> float:
+    """Median wall time of ``run(x)`` over ``runs`` calls, after two warm-up calls."""
+    times = []
+    with torch.inference_mode():
+        for index in range(runs + 2):
+            start = time.perf_counter()
+            run(x)
+            if index >= 2:
+                times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def mflops(model: nn.Module, x: Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e6 / len(x)
+
+
+def _megabytes(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.2f}"
+
+
+def default_out_dir(ckpt_path: Path) -> Path:
+    """``<run>/deploy`` for ``<run>/checkpoints/x.ckpt``, else ``deploy`` beside the file."""
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    return run / "deploy"
+
+
+def check_formats(export: str | Sequence[str]) -> list[str]:
+    formats = [export] if isinstance(export, str) else list(export)
+    unknown = [f for f in formats if f not in EXPORTERS]
+    if unknown:
+        raise DeployError(f"unknown export format {unknown}; formats: {', '.join(EXPORTERS)}")
+    return formats
+
+
+def deploy(
+    ckpt_path: str | Path,
+    config: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    export: str | Sequence[str] = (),
+    max_rel: float = 1e-4,
+    random_inputs: int = 8,
+    real_batches: int = 1,
+    latency_runs: int = 20,
+    seed: int = 0,
+) -> DeployReport:
+    """Convert ``ckpt_path``, verify it, and write ``model.safetensors``, ``config.yaml`` and
+    any ``export`` (``onnx``, ``pt2``) into ``out_dir``; nothing is written if a check fails."""
+    ckpt_path = Path(ckpt_path)
+    formats = check_formats(export)
+    checkpoint = load_checkpoint(ckpt_path)
+    run_config = find_run_config(ckpt_path, config)
+    architecture, input_size = describe(checkpoint, run_config)
+    model = load_model(architecture, checkpoint.state_dict)
+    deployed = reparameterize(model)
+
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.randn(max(2, random_inputs), *input_size, generator=generator)
+    real, data_note = validation_batch(run_config, real_batches)
+    checks = {"random inputs": verify(model, deployed, random)}
+    if real is not None:
+        checks["real validation data"] = verify(model, deployed, real)
+    report = DeployReport(Path(out_dir) if out_dir else default_out_dir(ckpt_path), checks)
+    report.notes.append(data_note)
+    _refuse_if_over(checks, max_rel, "the deploy form")
+
+    example, one = random[:2], random[:1]  # export traces a batch of 2; latency is batch 1
+    with staged(report.out_dir) as stage:
+        save_file(
+            {k: v.contiguous() for k, v in deployed.state_dict().items()}, stage / WEIGHTS_NAME
+        )
+        summary = {name: vars(check) for name, check in checks.items()}
+        OmegaConf.save(
+            {
+                "architecture": architecture,
+                "input_size": input_size,
+                "deploy": True,
+                "source": str(ckpt_path.resolve()),
+                "verification": summary,
+            },
+            stage / CONFIG_NAME,
+        )
+        report.rows = [
+            _row("train form (eval)", model, one, model, latency_runs, ckpt_path),
+            _row("deploy form", deployed, one, deployed, latency_runs, stage / WEIGHTS_NAME),
+        ]
+        for name in formats:
+            filename, exporter = EXPORTERS[name]
+            runner = exporter(deployed, example, stage / filename)
+            check = verify(deployed, runner, random)
+            checks[f"{name} vs deploy form"] = check
+            _refuse_if_over({name: check}, max_rel, f"the {name} export")
+            report.rows.append(_row(name, None, one, runner, latency_runs, stage / filename))
+        for row in report.rows:
+            row["file"] = Path(row["file"]).name
+    return report
+
+
+def _row(form, model, example, runner, runs, file: Path) -> dict[str, Any]:
+    row = {"form": form, "CPU ms, batch 1": f"{latency_ms(runner, example, runs):.3f}"}
+    if model is not None:
+        row["parameters"] = f"{sum(p.numel() for p in model.parameters()):,}"
+        row["MFLOPs/image"] = f"{mflops(model, example):.2f}"
+    return {**row, "file": str(file), "MB": _megabytes(file)}
+
+
+def _refuse_if_over(checks: dict[str, Verification], max_rel: float, what: str) -> None:
+    for name, check in checks.items():
+        if not check.max_rel <= max_rel:
+            raise DeployError(
+                f"{what} differs from the trained model on {name}: {check} "
+                f"(tolerance max_rel={max_rel:g}); nothing was written"
+            )
+
+
+def load_deployed(out_dir: str | Path) -> nn.Module:
+    """The deploy-form model written by ``deploy``: built fused (no branches) and loaded."""
+    out_dir = Path(out_dir)
+    config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise DeployError(f"{out_dir} holds no deployed model ({CONFIG_NAME}, {WEIGHTS_NAME})")
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    model = build_model(**config["architecture"], deploy=True)
+    model.load_state_dict(load_checkpoint(weights_path).state_dict)
+    return model.eval()

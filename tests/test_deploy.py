@@ -1,0 +1,193 @@
+"""deploy.py and repnet.deployment: checkpoint → verified deploy form → files, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import QUICK, ROOT, compose
+from safetensors.torch import save_file
+
+import repnet
+from repnet.checkpoints import CheckpointError, DeployError, load_checkpoint, staged
+from repnet.deployment import deploy, load_model
+from repnet.training import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny model of ``full`` blocks trained for a few batches on digits."""
+    run = tmp_path_factory.mktemp("run")
+    train(compose([*QUICK, "logger=csv"]), run)
+    return run
+
+
+def trained_model(run: Path) -> torch.nn.Module:
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    return load_model(checkpoint.hyper_parameters["architecture"], checkpoint.state_dict)
+
+
+def test_deploy_writes_verified_files_that_load_back(run_dir, tmp_path):
+    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export=["onnx", "pt2"])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "model.safetensors",
+        "config.yaml",
+        "model.onnx",
+        "model.pt2",
+    }
+    assert set(report.checks) == {
+        "random inputs",
+        "real validation data",
+        "onnx vs deploy form",
+        "pt2 vs deploy form",
+    }
+    assert all(check.max_rel < 1e-5 for check in report.checks.values())
+    assert [row["form"] for row in report.rows] == [
+        "train form (eval)",
+        "deploy form",
+        "onnx",
+        "pt2",
+    ]
+    deployed = repnet.load_deployed(tmp_path)
+    assert all(m.deployed for m in deployed.modules() if isinstance(m, repnet.RepBlock))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    x = torch.randn(16, 1, 8, 8)
+    result = repnet.verify(trained_model(run_dir), deployed, x)
+    assert result.max_rel < 1e-5 and result.argmax_agreement == 1.0
+
+
+def test_default_out_dir_is_the_runs_deploy_folder(run_dir):
+    report = deploy(run_dir / "checkpoints" / "best.ckpt", latency_runs=1)
+    assert report.out_dir == run_dir / "deploy"
+    assert (run_dir / "deploy" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_plain_state_dicts_with_wrapper_prefixes_deploy(run_dir, tmp_path, prefix, suffix):
+    state = {prefix + k: v for k, v in trained_model(run_dir).state_dict().items()}
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, path)
+    report = deploy(path, config=run_dir / "config.yaml", out_dir=tmp_path / "out", latency_runs=1)
+    assert report.checks["random inputs"].max_rel < 1e-5
+
+
+def test_a_deployed_checkpoint_deploys_again_without_harm(run_dir, tmp_path):
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "once", latency_runs=1)
+    report = deploy(tmp_path / "once" / "model.safetensors", out_dir=tmp_path / "twice")
+    assert report.checks["random inputs"].max_abs == 0.0
+    x = torch.randn(4, 1, 8, 8)
+    once, twice = repnet.load_deployed(tmp_path / "once"), repnet.load_deployed(tmp_path / "twice")
+    assert torch.equal(once(x), twice(x))
+
+
+def test_staged_writes_leave_nothing_when_interrupted(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), staged(out) as stage:
+        (stage / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert not out.exists()
+
+
+def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path):
+    with pytest.raises(DeployError, match="nothing was written"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "out", max_rel=1e-12)
+    assert not (tmp_path / "out").exists()
+
+
+def run_deploy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess, message: str, out: Path):
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deploy.py: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists()
+
+
+def test_cli_deploys_a_training_checkpoint(run_dir, tmp_path):
+    result = run_deploy(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "verified on real validation data: max abs diff" in result.stdout
+    assert "deploy form" in result.stdout and "MFLOPs/image" in result.stdout
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def bad_file(kind: str, run_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A checkpoint that must be refused, and the words its error must contain."""
+    path = tmp_path / f"{kind}.ckpt"
+    good = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    if kind == "missing":
+        return path, "no checkpoint at"
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+        return path, "corrupt or truncated"
+    if kind == "garbage":
+        path.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+        return path, "is corrupt or not a plain-weights checkpoint"
+    if kind == "other_architecture":
+        other = compose(["model=cifar", "block=plain"])
+        model = repnet.models.build_model(
+            **dict(other.model), block="plain", num_classes=10, in_channels=1
+        )
+        torch.save(model.state_dict(), path)
+        return path, "missing: "
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "garbage", "other_architecture"])
+def test_cli_bad_checkpoints_get_one_clear_error(kind, run_dir, tmp_path):
+    path, message = bad_file(kind, run_dir, tmp_path)
+    out = tmp_path / "out"
+    result = run_deploy(f"ckpt_path={path}", f"config={run_dir / 'config.yaml'}", f"out_dir={out}")
+    assert_one_clear_error(result, message, out)
+
+
+class RunsCode:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": RunsCode(marker)}, path)
+    out = tmp_path / "out"
+    result = run_deploy(f"ckpt_path={path}", f"out_dir={out}")
+    assert_one_clear_error(result, "would run code when unpickled", out)
+    assert "mkdir" in result.stderr
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_cli_unknown_export_format_is_refused_before_any_work(run_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_deploy(
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "export=[onnx,tflite]",
+        f"out_dir={out}",
+    )
+    assert_one_clear_error(result, "unknown export format ['tflite']", out)
