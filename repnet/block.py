@@ -7,8 +7,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from repnet.branches import BRANCHES, Geometry
-from repnet.kernels import Conv, add, of_conv2d, pad_to, pair, to_conv2d
+from repnet.branches import (
+    BRANCHES,
+    ChannelScale,
+    Geometry,
+    build_branches,
+    fuse_norm,
+    summed_kernel,
+)
+from repnet.kernels import Conv, of_conv2d, pair, to_conv2d
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "full": ("kxk", "1xk", "kx1", "1x1", "identity"),
@@ -44,7 +51,8 @@ def resolve_branches(branches: BranchSpec, geometry: Geometry) -> tuple[str, ...
     return names
 
 
-def _geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+def make_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    """Validated :class:`Geometry`; every problem is named in one ``ValueError``."""
     kernel_size, stride, dilation = pair(kernel_size), pair(stride), pair(dilation)
     if padding is None:
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size))
@@ -78,6 +86,9 @@ class RepBlock(nn.Module):
 
     ``padding=None`` keeps the size (``d·(k-1)//2``); ``branches`` is a preset name
     (``full``, ``repvgg``, ``acb``, ``dbb``, ``plain``) or a list of branch names.
+    ``online=True`` trains cheaply: branch BNs become per-channel scales ``γ_b``, and
+    every forward builds ``W = Σ_b γ_b·W_b`` with the kernel algebra and runs
+    ``act(BN(conv(x, W)))`` — one conv, one BN (online re-parameterization).
     ``deploy=True`` builds the deployed form directly (to load fused weights).
     """
 
@@ -92,12 +103,16 @@ class RepBlock(nn.Module):
         groups: int = 1,
         branches: BranchSpec = "full",
         act: Callable[[], nn.Module] | None = nn.ReLU,
+        online: bool = False,
         deploy: bool = False,
     ):
         super().__init__()
-        geo = _geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        geo = make_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
         self.geometry = geo
         self.branch_names = resolve_branches(branches, geo)
+        self.online = online
         self.act = act() if act is not None else nn.Identity()
         if deploy:
             self.fused = nn.Conv2d(
@@ -110,12 +125,12 @@ class RepBlock(nn.Module):
                 groups,
                 bias=True,
             )
-            self.branches = None
+            self.branches = self.norm = None
         else:
             self.fused = None
-            self.branches = nn.ModuleDict(
-                {name: BRANCHES[name](geo, nn.BatchNorm2d) for name in self.branch_names}
-            )
+            branch_norm = ChannelScale if online else nn.BatchNorm2d
+            self.branches = build_branches(geo, self.branch_names, branch_norm)
+            self.norm = nn.BatchNorm2d(out_channels) if online else None
 
     @property
     def deployed(self) -> bool:
@@ -124,17 +139,25 @@ class RepBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused is not None:
             return self.act(self.fused(x))
+        if self.norm is not None:
+            return self.act(self.norm(self.branch_sum()(x)))
         return self.act(sum(branch(x) for branch in self.branches.values()))
 
     def branch_kernels(self) -> dict[str, Conv]:
         """Each branch's equivalent conv (eval-mode statistics)."""
         return {name: branch.kernel() for name, branch in self.branches.items()}
 
+    def branch_sum(self) -> Conv:
+        """``Σ_b`` of the branch kernels, at the full kernel size."""
+        return summed_kernel(self.branches, self.geometry.kernel_size)
+
     def kernel(self) -> Conv:
-        """The one conv the block equals in eval mode: its branch kernels summed, at full size."""
+        """The one conv the block equals in eval mode (online: with the trailing BN folded)."""
         if self.fused is not None:
             return of_conv2d(self.fused)
-        return pad_to(add(*self.branch_kernels().values()), self.geometry.kernel_size)
+        if self.norm is not None:
+            return fuse_norm(self.norm, self.branch_sum())
+        return self.branch_sum()
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
@@ -142,14 +165,15 @@ class RepBlock(nn.Module):
         if self.fused is not None:
             return
         self.fused = to_conv2d(self.kernel())
-        self.branches = None
+        self.branches = self.norm = None
 
     def extra_repr(self) -> str:
         geo = self.geometry
         return (
             f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
             f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
-            f"groups={geo.groups}, branches={list(self.branch_names)}, deployed={self.deployed}"
+            f"groups={geo.groups}, branches={list(self.branch_names)}, online={self.online}, "
+            f"deployed={self.deployed}"
         )
 
 

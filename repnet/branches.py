@@ -17,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repnet.kernels import Conv, Pair, affine, apply_conv, avgpool, compose, fuse_bn, identity
+from repnet.kernels import (
+    Conv,
+    Pair,
+    add,
+    affine,
+    apply_conv,
+    avgpool,
+    compose,
+    fuse_bn,
+    identity,
+    pad_to,
+)
 
 
 class ChannelScale(nn.Module):
@@ -205,3 +216,13 @@ BRANCHES: dict[str, Callable[[Geometry, NormFactory], Branch]] = {
     "1x1_kxk": _then_kxk(_kxk_after, lambda g: g.in_channels),
     "1x1_avg": _then_kxk(_avg_after, lambda g: g.out_channels),
 }
+
+
+def build_branches(geo: Geometry, names: tuple[str, ...], norm: NormFactory) -> nn.ModuleDict:
+    """The named branches for ``geo``, each stage ending in ``norm``."""
+    return nn.ModuleDict({name: BRANCHES[name](geo, norm) for name in names})
+
+
+def summed_kernel(branches: nn.ModuleDict, kernel_size: Pair) -> Conv:
+    """``Σ_b`` of the branch kernels, padded to the full ``kernel_size``."""
+    return pad_to(add(*(branch.kernel() for branch in branches.values())), kernel_size)

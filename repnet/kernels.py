@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +191,8 @@ def add(*convs: Conv) -> Conv:
         aligned = [dense(c) for c in aligned]
     return replace(
         aligned[0],
-        weight=torch.stack([c.weight for c in aligned]).sum(0),
-        bias=torch.stack([c.bias for c in aligned]).sum(0),
+        weight=reduce(torch.add, (c.weight for c in aligned)),
+        bias=reduce(torch.add, (c.bias for c in aligned)),
     )
 
 
@@ -305,25 +306,23 @@ def compose(first: Conv, second: Conv) -> Conv:
 
 
 def to_conv2d(conv: Conv) -> nn.Conv2d:
-    """An ``nn.Conv2d`` holding ``conv`` (built without a wasted random initialisation)."""
+    """An ``nn.Conv2d`` holding ``conv``: built on the meta device (no wasted random
+    initialisation), then given ``conv``'s tensors as its parameters."""
     if min(conv.padding) < 0:
         raise ValueError(f"nn.Conv2d cannot hold a negative padding {conv.padding}")
-    module = nn.utils.skip_init(
-        nn.Conv2d,
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    with torch.no_grad():
-        module.weight.copy_(conv.weight)
-        module.bias.copy_(conv.bias)
+    with torch.device("meta"):
+        module = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=True,
+        )
+    module.weight = nn.Parameter(conv.weight.detach())
+    module.bias = nn.Parameter(conv.bias.detach())
     return module
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from repnet.block import RepBlock
 from repnet.kernels import fuse_bn, of_conv2d, to_conv2d
 
 BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -22,15 +23,33 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     Blocks are found by duck typing (anything with ``switch_to_deploy``), so
     third-party blocks convert too. ``inplace=False`` leaves ``model`` untouched.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
-    model.eval()
+    model = model.eval() if inplace else _deploy_copy(model)
     for module in list(model.modules()):
         switch = getattr(module, "switch_to_deploy", None)
         if callable(switch):
             switch()
     fuse_conv_bn(model)
     return model
+
+
+@torch.no_grad()
+def _deploy_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode, less the work conversion would throw away: RepBlocks are
+    copied without their branches and given the fused conv computed from the original."""
+    blocks = [m for m in model.modules() if isinstance(m, RepBlock) and not m.deployed]
+    memo: dict[int, object] = {}
+    for block in blocks:
+        memo[id(block.branches)] = memo[id(block.norm)] = None
+    was_training = model.training
+    model.eval()
+    try:
+        kernels = [block.kernel() for block in blocks]
+    finally:
+        model.train(was_training)
+    duplicate = copy.deepcopy(model, memo).eval()
+    for block, kernel in zip(blocks, kernels):
+        memo[id(block)].fused = to_conv2d(kernel)
+    return duplicate
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

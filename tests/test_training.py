@@ -87,7 +87,7 @@ def test_checkpoints_load_with_weights_only(default_run):
     run_dir, _ = default_run
     for name in ("best.ckpt", "last.ckpt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert checkpoint["hyper_parameters"]["architecture"]["block"] == {"branches": "full"}
+        assert checkpoint["hyper_parameters"]["architecture"]["block"]["branches"] == "full"
         assert checkpoint["hyper_parameters"]["input_size"] == [1, 8, 8]
         assert any(key.startswith("model.") for key in checkpoint["state_dict"])
 

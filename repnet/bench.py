@@ -1,0 +1,233 @@
+"""Speed, measured as ratios within one run: ``python -m repnet.bench [--quick] [--json PATH]``.
+
+1. Inference latency: train form (eval) vs deploy form vs a plain conv net of the
+   same shapes built directly, batch 1 and 8, NCHW and channels_last.
+2. Whole-model conversion time of RepVGG-A0.
+3. Training step time and activation memory of one stage of blocks: plain conv,
+   offline and online ``full`` and ``dbb``.
+
+Every figure is the median of several repeats; compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from repnet.block import RepBlock
+from repnet.models import SPECS, build_model
+from repnet.reparam import reparameterize
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int
+    inference: tuple[tuple[str, int, str], ...]  # model, image size, block preset
+    batches: tuple[int, ...]
+    stage: dict  # one stage of blocks for the training rows
+
+
+FULL = Settings(
+    repeats=15,
+    inference=(("repvgg_a0", 224, "repvgg"), ("cifar", 32, "full")),
+    batches=(1, 8),
+    stage={"channels": 64, "blocks": 4, "image": 32, "batch": 32},
+)
+QUICK = Settings(
+    repeats=3,
+    inference=(("repvgg_a0", 224, "repvgg"), ("cifar", 32, "full")),
+    batches=(1,),
+    stage={"channels": 32, "blocks": 2, "image": 16, "batch": 16},
+)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    return interleaved({"fn": fn}, repeats, warmup)["fn"][0]
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, tuple[float, list[float]]]:
+    """Time several functions in turns (round-robin), so load drift hits all alike.
+
+    Returns, per name, the median seconds and the list of per-round times.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
+def ratio(times: dict, numerator: str, denominator: str) -> float:
+    """Median over rounds of ``t_numerator / t_denominator`` (robust to drift between rounds)."""
+    pairs = zip(times[numerator][1], times[denominator][1])
+    return statistics.median(a / b for a, b in pairs)
+
+
+def plain_twin(name: str, num_classes: int = 1000) -> nn.Sequential:
+    """The deploy form's shapes built directly from the size table: conv(+bias), ReLU, …, linear."""
+    spec, layers, channels = SPECS[name], [], 3
+    for depth, width, stride in zip(spec.depths, spec.widths, spec.strides):
+        for index in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, stride if index == 0 else 1, 1), nn.ReLU()]
+            channels = width
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
+    )
+
+
+def inference_rows(settings: Settings) -> list[dict]:
+    rows = []
+    for name, image, block in settings.inference:
+        torch.manual_seed(0)
+        train = build_model(name, num_classes=1000, block=block).eval()
+        forms = {"train": train, "deploy": reparameterize(train), "plain": plain_twin(name).eval()}
+        for batch in settings.batches:
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(batch, 3, image, image).contiguous(memory_format=layout)
+                laid_out = {form: m.to(memory_format=layout) for form, m in forms.items()}
+                with torch.inference_mode():
+                    times = interleaved(
+                        {form: lambda m=m, x=x: m(x) for form, m in laid_out.items()},
+                        settings.repeats,
+                    )
+                rows.append(
+                    {
+                        "model": name,
+                        "block": block,
+                        "image": image,
+                        "batch": batch,
+                        "layout": "channels_last" if layout is torch.channels_last else "NCHW",
+                        **{f"{form}_ms": round(1e3 * times[form][0], 3) for form in forms},
+                        "train/deploy": round(ratio(times, "train", "deploy"), 2),
+                        "deploy/plain": round(ratio(times, "deploy", "plain"), 3),
+                    }
+                )
+    return rows
+
+
+def conversion_row(settings: Settings) -> dict:
+    model = build_model("repvgg_a0", num_classes=1000, block="repvgg").eval()
+    seconds = median_seconds(lambda: reparameterize(model), settings.repeats, warmup=1)
+    return {"model": "repvgg_a0", "block": "repvgg", "convert_ms": round(1e3 * seconds, 1)}
+
+
+def _stage(kind: str, channels: int, blocks: int) -> nn.Module:
+    if kind == "plain conv":
+        return nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(channels),
+                    nn.ReLU(),
+                )
+                for _ in range(blocks)
+            )
+        )
+    mode, branches = kind.split()
+    return nn.Sequential(
+        *(
+            RepBlock(channels, channels, branches=branches, online=mode == "online")
+            for _ in range(blocks)
+        )
+    )
+
+
+def activation_megabytes(step: Callable[[], Tensor]) -> float:
+    """Memory autograd keeps for the backward pass (distinct storages saved by the forward)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step().backward()
+    return sum(seen.values()) / 2**20
+
+
+def training_rows(settings: Settings) -> list[dict]:
+    stage, rows = settings.stage, []
+    x = torch.randn(stage["batch"], stage["channels"], stage["image"], stage["image"])
+    for kind in ("plain conv", "offline full", "online full", "offline dbb", "online dbb"):
+        torch.manual_seed(0)
+        model = _stage(kind, stage["channels"], stage["blocks"]).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def loss(model=model) -> Tensor:
+            return model(x).square().mean()
+
+        def step(model=model, optimizer=optimizer, loss=loss) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+
+        rows.append(
+            {
+                "stage": kind,
+                "step_ms": round(1e3 * median_seconds(step, settings.repeats), 2),
+                "activation_MB": round(activation_megabytes(loss), 1),
+            }
+        )
+    base = rows[0]
+    for row in rows:
+        row["step_vs_plain"] = round(row["step_ms"] / base["step_ms"], 2)
+        row["memory_vs_plain"] = round(row["activation_MB"] / base["activation_MB"], 2)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    cells = [header] + [[str(row[key]) for key in header] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def run(settings: Settings) -> dict:
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "settings": {"repeats": settings.repeats, "stage": settings.stage},
+        "inference": inference_rows(settings),
+        "conversion": [conversion_row(settings)],
+        "training": training_rows(settings),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller runs (< 1 min)")
+    parser.add_argument("--json", type=Path, default=Path("bench.json"), help="results file")
+    args = parser.parse_args(argv)
+    results = run(QUICK if args.quick else FULL)
+    for section in ("inference", "conversion", "training"):
+        print(f"\n## {section}\n{format_table(results[section])}")
+    temporary = args.json.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2))
+    temporary.replace(args.json)
+    print(f"\nwritten to {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Online re-parameterization: one conv + BN in training, the same deploy form, cheaper steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from helpers import QUICK, ROOT, block_geometry, compose, randomize_norms, relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repnet import PRESETS, RepBlock
+from repnet.branches import BRANCHES, ChannelScale
+from repnet.training import train
+
+
+def online_block(geometry: dict, branches, seed: int = 0) -> RepBlock:
+    """An online block with random BN statistics and random branch scales, in float64."""
+    torch.manual_seed(seed)
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    block = RepBlock(**args, branches=branches, act=None, online=True).double()
+    randomize_norms(block, seed)
+    with torch.no_grad():
+        for module in block.modules():
+            if isinstance(module, ChannelScale):
+                module.weight.uniform_(-1.5, 1.5)
+    return block.eval()
+
+
+def sample(geometry: dict) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    shape = (3, geometry["in_channels"], *geometry["image"])
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+@given(geometry=block_geometry(), branches=st.sampled_from(sorted(PRESETS)))
+def test_online_presets_deploy_exactly(geometry, branches):
+    block = online_block(geometry, branches)
+    x = sample(geometry)
+    with torch.no_grad():
+        expected = block(x)
+        block.switch_to_deploy()
+        assert relative_error(expected, block(x)) <= 1e-10
+
+
+@given(geometry=block_geometry(), name=st.sampled_from(sorted(BRANCHES)))
+def test_online_branches_compute_what_the_offline_branches_compute(geometry, name):
+    """A branch run online (kernel built, one conv) equals the same branch run as modules."""
+    try:
+        block = online_block(geometry, [name])
+    except ValueError:
+        assert name == "identity"
+        return
+    x = sample(geometry)
+    with torch.no_grad():
+        as_modules = block.branches[name](x)
+        as_one_conv = block.branch_sum()(x)
+    assert relative_error(as_modules, as_one_conv) <= 1e-10
+
+
+def test_online_blocks_hold_one_batchnorm_and_train_every_parameter():
+    block = RepBlock(8, 8, branches="dbb", online=True).train()
+    norms = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms == [block.norm]
+    block(torch.randn(4, 8, 9, 9)).square().mean().backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_online_training_on_digits_learns(tmp_path):
+    cfg = compose(["block.online=true", "trainer.max_epochs=3", "callbacks.progress_bar=null"])
+    summary = train(cfg, tmp_path)
+    assert summary["best_val_acc"] > 0.8
+    assert summary["max_abs_diff"] < 1e-4 and summary["argmax_agreement"] == 1.0
+
+
+def test_online_presets_train_for_a_few_batches(tmp_path):
+    for preset in ("full", "dbb"):
+        summary = train(
+            compose([f"block={preset}", "block.online=true", *QUICK]), tmp_path / preset
+        )
+        assert summary["argmax_agreement"] == 1.0
+
+
+def test_quick_bench_runs_and_writes_its_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "repnet.bench", "--quick", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads(path.read_text())
+    assert {"inference", "conversion", "training"} <= set(results)
+    stages = [row["stage"] for row in results["training"]]
+    assert stages == ["plain conv", "offline full", "online full", "offline dbb", "online dbb"]
+    assert all(row["deploy/plain"] > 0 for row in results["inference"])
+    assert "## training" in result.stdout
