@@ -5,6 +5,7 @@
 2. Whole-model conversion time of RepVGG-A0.
 3. Training step time and activation memory of one stage of blocks: plain conv,
    offline and online ``full`` and ``dbb``.
+4. Dynamic conv: one grouped conv vs a per-sample loop vs a static conv.
 
 Every figure is the median of several repeats; compare ratios, not absolute times.
 """
@@ -18,12 +19,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from repnet.block import RepBlock
+from repnet.dynamic import DynamicConv2d
 from repnet.models import SPECS, build_model
 from repnet.reparam import reparameterize
 
@@ -34,6 +37,7 @@ class Settings:
     inference: tuple[tuple[str, int, str], ...]  # model, image size, block preset
     batches: tuple[int, ...]
     stage: dict  # one stage of blocks for the training rows
+    dynamic: tuple[tuple[int, int], ...]  # (channels, map size) for the dynamic conv rows
 
 
 FULL = Settings(
@@ -41,12 +45,14 @@ FULL = Settings(
     inference=(("repvgg_a0", 224, "repvgg"), ("cifar", 32, "full")),
     batches=(1, 8),
     stage={"channels": 64, "blocks": 4, "image": 32, "batch": 32},
+    dynamic=((32, 16), (64, 32), (64, 56)),
 )
 QUICK = Settings(
     repeats=3,
     inference=(("repvgg_a0", 224, "repvgg"), ("cifar", 32, "full")),
     batches=(1,),
     stage={"channels": 32, "blocks": 2, "image": 16, "batch": 16},
+    dynamic=((32, 16),),
 )
 
 
@@ -193,6 +199,55 @@ def training_rows(settings: Settings) -> list[dict]:
     return rows
 
 
+def dynamic_rows(settings: Settings, batch: int = 32) -> list[dict]:
+    """Deployed dynamic conv (4 experts): one grouped conv vs the per-sample loop vs a static
+    conv of the same shape, inference and a training step (forward + backward)."""
+    rows = []
+    for channels, size in settings.dynamic:
+        x = torch.randn(batch, channels, size, size)
+        for mode in ("inference", "training"):
+            torch.manual_seed(0)
+            dynamic = DynamicConv2d(channels, channels, 3, act=None)
+            static = nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+            )
+            if mode == "inference":  # deployed: BNs folded into the convs on both sides
+                dynamic.eval().switch_to_deploy()
+                static = reparameterize(static)
+            fns = {
+                strategy: partial(_run, _using(dynamic, strategy), x, mode)
+                for strategy in ("grouped", "per_sample")
+            }
+            fns["static"] = partial(_run, static, x, mode)
+            with torch.inference_mode(mode == "inference"):
+                times = interleaved(fns, settings.repeats)
+            rows.append(
+                {
+                    "map": f"{channels}ch {size}x{size}",
+                    "batch": batch,
+                    "mode": mode,
+                    **{f"{name}_ms": round(1e3 * t[0], 2) for name, t in times.items()},
+                    "grouped/static": round(ratio(times, "grouped", "static"), 2),
+                    "per_sample/grouped": round(ratio(times, "per_sample", "grouped"), 2),
+                }
+            )
+    return rows
+
+
+def _using(dynamic: DynamicConv2d, strategy: str) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        dynamic.strategy = strategy
+        return dynamic(x)
+
+    return run
+
+
+def _run(model: Callable[[Tensor], Tensor], x: Tensor, mode: str) -> None:
+    y = model(x)
+    if mode == "training":
+        y.sum().backward()
+
+
 def format_table(rows: list[dict]) -> str:
     header = list(rows[0])
     cells = [header] + [[str(row[key]) for key in header] for row in rows]
@@ -211,6 +266,7 @@ def run(settings: Settings) -> dict:
         "inference": inference_rows(settings),
         "conversion": [conversion_row(settings)],
         "training": training_rows(settings),
+        "dynamic": dynamic_rows(settings),
     }
 
 
@@ -220,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=Path("bench.json"), help="results file")
     args = parser.parse_args(argv)
     results = run(QUICK if args.quick else FULL)
-    for section in ("inference", "conversion", "training"):
+    for section in ("inference", "conversion", "training", "dynamic"):
         print(f"\n## {section}\n{format_table(results[section])}")
     temporary = args.json.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2))

@@ -52,9 +52,17 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     return duplicate
 
 
+class _BlockLeafTracer(torch.fx.Tracer):
+    """Traces blocks (anything with ``switch_to_deploy``) as single calls: they are already
+    converted, and their insides (shape-dependent strategies, say) need not be traceable."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return hasattr(module, "switch_to_deploy") or super().is_leaf_module(module, qualified_name)
+
+
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(conv, bn)`` module names where a conv's only use is one BN, found in the traced graph."""
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = _BlockLeafTracer().trace(model)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:

@@ -8,9 +8,11 @@ from functools import partial
 from torch import nn
 
 from repnet.block import RepBlock
+from repnet.dynamic import DynamicConv2d
 
 BlockFactory = Callable[..., nn.Module]
 BlockChoice = str | Sequence[str] | Mapping | BlockFactory
+KINDS: dict[str, type[nn.Module]] = {"rep": RepBlock, "dynamic": DynamicConv2d}
 
 
 def block_factory(block: BlockChoice, deploy: bool = False) -> BlockFactory:
@@ -25,7 +27,10 @@ def block_factory(block: BlockChoice, deploy: bool = False) -> BlockFactory:
     options = dict(block) if isinstance(block, Mapping) else {"branches": block}
     if isinstance(options.get("branches"), Sequence) and not isinstance(options["branches"], str):
         options["branches"] = list(options["branches"])
-    return partial(RepBlock, **options, deploy=deploy)
+    kind = options.pop("kind", "rep")
+    if kind not in KINDS:
+        raise ValueError(f"block kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return partial(KINDS[kind], **options, deploy=deploy)
 
 
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1, deploy: bool = False):

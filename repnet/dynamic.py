@@ -1,0 +1,189 @@
+"""Dynamic convolution: per-sample mixtures of (re-parameterizable) expert kernels.
+
+``y = act(BN(conv(x, Σ_k a_k(x)·W_k) + Σ_k a_k(x)·b_k))``, with attention
+``a(x) = softmax(MLP(GAP(x)) / τ)``. A batch of different kernels is one grouped
+conv: the batch folds into the channel axis, ``[1, B·C, H, W]`` with kernels
+``[B·O, C/g, kh, kw]`` and ``groups = B·g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repnet.block import BranchSpec, make_geometry, resolve_branches
+from repnet.branches import ChannelScale, Geometry, build_branches, summed_kernel
+from repnet.kernels import apply_conv
+
+
+def mixed_kernels(attention: Tensor, weights: Tensor, biases: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample kernel and bias: ``W_b = Σ_k a_bk W_k``, ``b_b = Σ_k a_bk b_k``.
+
+    ``F.linear`` with the experts as ``[N, K]`` rows: much faster than ``a @ W`` for small K.
+    """
+    flat = weights.flatten(1).t().contiguous()
+    mixed = F.linear(attention, flat)
+    return mixed.reshape(len(attention), *weights.shape[1:]), attention @ biases
+
+
+def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Tensor:
+    """All samples in one conv: batch folded into channels, ``groups = B·g``.
+
+    Every reshape here is a view (NCHW): no copies. Channels-last measured slower on CPU,
+    the copies it needs costing more than the faster conv saves.
+    """
+    batch = x.shape[0]
+    y = apply_conv(
+        x.reshape(1, -1, *x.shape[2:]),
+        kernels.reshape(-1, *kernels.shape[2:]),
+        bias.reshape(-1),
+        geo.stride,
+        geo.padding,
+        geo.dilation,
+        batch * geo.groups,
+    )
+    return y.reshape(batch, -1, *y.shape[2:])
+
+
+def conv_per_sample(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Tensor:
+    """One conv per sample (large maps: each conv is big enough to run efficiently)."""
+    return torch.cat(
+        [
+            apply_conv(
+                x[i : i + 1], kernels[i], bias[i], geo.stride, geo.padding, geo.dilation, geo.groups
+            )
+            for i in range(x.shape[0])
+        ]
+    )
+
+
+STRATEGIES: dict[str, Callable[[Tensor, Tensor, Tensor, Geometry], Tensor]] = {
+    "grouped": conv_grouped,
+    "per_sample": conv_per_sample,
+}
+
+
+class DynamicConv2d(nn.Module):
+    """A dynamic conv of ``num_experts`` experts, each a set of linear branches, then BN and act.
+
+    ``branches`` is any preset or list of :class:`~repnet.RepBlock` branches; each
+    expert's kernel is built by the kernel algebra on every forward (branch BNs are
+    per-channel scales, as in online mode). ``switch_to_deploy()`` collapses each
+    expert to one kernel and folds the BN into the experts (``Σ_k a_k = 1``, so the
+    BN shift folds exactly). ``strategy`` is ``grouped`` (one conv for the batch; on this
+    project's CPU never slower than the loop, see ``repnet.bench``) or ``per_sample``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        num_experts: int = 4,
+        temperature: float = 30.0,
+        reduction: int = 4,
+        branches: BranchSpec = "plain",
+        act: Callable[[], nn.Module] | None = nn.ReLU,
+        strategy: str = "grouped",
+        deploy: bool = False,
+    ):
+        super().__init__()
+        geo = make_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be positive, got {num_experts}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        self.geometry, self.strategy, self.temperature = geo, strategy, float(temperature)
+        self.branch_names = resolve_branches(branches, geo)
+        hidden = max(4, in_channels // reduction)
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_channels, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_experts),
+        )
+        self.act = act() if act is not None else nn.Identity()
+        if deploy:
+            shape = (num_experts, out_channels, in_channels // groups, *geo.kernel_size)
+            self.weight = nn.Parameter(torch.zeros(shape))
+            self.bias = nn.Parameter(torch.zeros(num_experts, out_channels))
+            self.experts = self.norm = None
+        else:
+            self.weight = self.bias = None
+            self.experts = nn.ModuleList(
+                build_branches(geo, self.branch_names, ChannelScale) for _ in range(num_experts)
+            )
+            self.norm = nn.BatchNorm2d(out_channels)
+
+    @property
+    def deployed(self) -> bool:
+        return self.experts is None
+
+    def expert_kernels(self) -> tuple[Tensor, Tensor]:
+        """All experts' kernels ``[K, O, C/g, kh, kw]`` and biases ``[K, O]``."""
+        if self.experts is None:
+            return self.weight, self.bias
+        convs = [summed_kernel(expert, self.geometry.kernel_size) for expert in self.experts]
+        return torch.stack([c.weight for c in convs]), torch.stack([c.bias for c in convs])
+
+    def attend(self, x: Tensor) -> Tensor:
+        """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1."""
+        return torch.softmax(self.attention(x) / self.temperature, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernels, bias = mixed_kernels(self.attend(x), *self.expert_kernels())
+        y = STRATEGIES[self.strategy](x, kernels, bias, self.geometry)
+        if self.norm is not None:
+            y = self.norm(y)
+        return self.act(y)
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Experts become plain kernels with the BN folded in; a second call changes nothing."""
+        if self.experts is None:
+            return
+        weights, biases = self.expert_kernels()
+        norm = self.norm
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        shift = norm.bias - norm.running_mean * scale
+        self.weight = nn.Parameter(weights * scale.reshape(1, -1, 1, 1, 1))
+        self.bias = nn.Parameter(biases * scale + shift)
+        self.experts = self.norm = None
+
+    def extra_repr(self) -> str:
+        geo = self.geometry
+        return (
+            f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
+            f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
+            f"groups={geo.groups}, experts={len(self.attention[-1].weight)}, "
+            f"branches={list(self.branch_names)}, temperature={self.temperature:g}, "
+            f"strategy={self.strategy}, deployed={self.deployed}"
+        )
+
+
+class TemperatureAnnealing(pl.Callback):
+    """Anneal every dynamic conv's softmax temperature linearly from ``start`` to ``end``
+    over the first ``epochs`` epochs (near-uniform experts first, then sharper)."""
+
+    def __init__(self, start: float = 30.0, end: float = 1.0, epochs: int = 10):
+        self.start, self.end, self.epochs = start, end, epochs
+
+    def temperature(self, epoch: int) -> float:
+        progress = min(1.0, epoch / max(1, self.epochs))
+        return self.start + (self.end - self.start) * progress
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, DynamicConv2d):
+                module.temperature = self.temperature(trainer.current_epoch)

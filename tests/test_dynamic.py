@@ -1,0 +1,135 @@
+"""Dynamic convolution: the batched grouped conv equals the per-sample loop, and deploys exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import QUICK, block_geometry, compose, randomize_norms, relative_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+import repnet
+from repnet import PRESETS
+from repnet.branches import ChannelScale
+from repnet.dynamic import DynamicConv2d, TemperatureAnnealing
+from repnet.kernels import Conv
+from repnet.training import train
+
+
+def dynamic(geometry: dict, branches="plain", seed: int = 0, **options) -> DynamicConv2d:
+    """A float64 dynamic conv with random BN statistics, branch scales and attention."""
+    torch.manual_seed(seed)
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    module = DynamicConv2d(**args, branches=branches, act=None, temperature=0.7, **options)
+    module = randomize_norms(module.double(), seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, ChannelScale):
+                sub.weight.uniform_(-1.5, 1.5)
+        for parameter in module.attention.parameters():
+            parameter.mul_(3.0)  # attention far from uniform, so mixing errors would show
+    return module
+
+
+def sample(geometry: dict, batch: int = 5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch, geometry["in_channels"], *geometry["image"])
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def reference(module: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Sample by sample, kernels mixed explicitly: ``conv(x_b, Σ_k a_bk W_k) + Σ_k a_bk b_k``."""
+    weights, biases = module.expert_kernels()
+    attention, geo = module.attend(x), module.geometry
+    outputs = []
+    for b in range(len(x)):
+        weight = sum(attention[b, k] * weights[k] for k in range(len(weights)))
+        bias = sum(attention[b, k] * biases[k] for k in range(len(biases)))
+        conv = Conv(weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+        outputs.append(conv(x[b : b + 1]))
+    y = torch.cat(outputs)
+    return module.act(module.norm(y) if module.norm is not None else y)
+
+
+@given(
+    geometry=block_geometry(),
+    strategy=st.sampled_from(["grouped", "per_sample"]),
+    deployed=st.booleans(),
+)
+def test_both_strategies_equal_the_explicit_per_sample_mixture(geometry, strategy, deployed):
+    """Deployed experts carry biases (the folded BN), trained ones do not: both are checked."""
+    module = dynamic(geometry, branches="repvgg", strategy=strategy).eval()
+    if deployed:
+        module.switch_to_deploy()
+    x = sample(geometry)
+    with torch.no_grad():
+        assert relative_error(reference(module, x), module(x)) <= 1e-10
+
+
+@given(geometry=block_geometry())
+def test_grouped_and_per_sample_gradients_agree(geometry):
+    """Gradients of the input and of every parameter, compared at the scale of them all."""
+    gradients = {}
+    for strategy in ("grouped", "per_sample"):
+        module = dynamic(geometry, branches="acb", strategy=strategy).train()
+        x = sample(geometry).requires_grad_()
+        module(x).square().sum().backward()
+        tensors = [x.grad] + [p.grad for p in module.parameters()]
+        gradients[strategy] = torch.cat([t.flatten() for t in tensors])
+    assert relative_error(gradients["per_sample"], gradients["grouped"]) <= 1e-10
+
+
+@given(geometry=block_geometry(), branches=st.sampled_from(sorted(PRESETS)))
+def test_deployed_dynamic_conv_equals_the_trained_one(geometry, branches):
+    module = dynamic(geometry, branches=branches).eval()
+    x = sample(geometry)
+    with torch.no_grad():
+        expected = module(x)
+        module.switch_to_deploy()
+        assert module.deployed and module.norm is None
+        assert relative_error(expected, module(x)) <= 1e-10
+        module.switch_to_deploy()
+        assert relative_error(expected, module(x)) <= 1e-10
+
+
+def test_deploy_true_builds_the_deployed_form_that_loads_deployed_weights():
+    trained = randomize_norms(DynamicConv2d(4, 6, 3, branches="dbb", num_experts=3)).eval()
+    direct = DynamicConv2d(4, 6, 3, branches="dbb", num_experts=3, deploy=True).eval()
+    x = torch.randn(2, 4, 9, 9)
+    expected = trained(x)
+    trained.switch_to_deploy()
+    direct.load_state_dict(trained.state_dict())
+    assert torch.allclose(direct(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
+    module = DynamicConv2d(3, 3, num_experts=5)
+    x = torch.randn(4, 3, 8, 8)
+    soft, sharp = module.attend(x), (setattr(module, "temperature", 0.01), module.attend(x))[1]
+    assert torch.allclose(soft.sum(1), torch.ones(4)) and torch.allclose(
+        sharp.sum(1), torch.ones(4)
+    )
+    assert sharp.max(1).values.min() > soft.max(1).values.max()
+
+
+def test_temperature_annealing_is_linear_then_flat():
+    schedule = TemperatureAnnealing(start=30.0, end=1.0, epochs=10)
+    assert [schedule.temperature(e) for e in (0, 5, 10, 20)] == [30.0, 15.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"num_experts": 0}, "num_experts"), ({"strategy": "magic"}, "strategy")],
+)
+def test_bad_options_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicConv2d(4, 4, **kwargs)
+
+
+def test_dynamic_blocks_train_under_lightning_and_deploy(tmp_path):
+    cfg = compose(["block=dynamic", "block.branches=acb", *QUICK, "logger=csv"])
+    summary = train(cfg, tmp_path)
+    assert summary["max_abs_diff"] < 1e-3 and summary["argmax_agreement"] == 1.0
+    report = repnet.deployment.deploy(tmp_path / "checkpoints" / "last.ckpt", latency_runs=1)
+    deployed = repnet.load_deployed(report.out_dir)
+    assert all(m.deployed for m in deployed.modules() if isinstance(m, DynamicConv2d))
