@@ -229,19 +229,17 @@ def test_compose_equals_the_naive_sequence_when_second_has_no_padding(pair, extr
     assert_close(second(first(x)), composed(x))
 
 
+def seeded_conv(shape: tuple[int, ...], padding: tuple[int, int], bias: bool = True) -> Conv:
+    """A float64 conv of weight ``shape`` from the global generator; zero bias if ``not bias``."""
+    weight = torch.randn(*shape, dtype=torch.float64)
+    values = torch.randn(shape[0], dtype=torch.float64)
+    return Conv(weight, values if bias else torch.zeros_like(values), padding=padding)
+
+
 def test_naive_sequence_differs_at_the_border_when_the_intermediate_is_zero_padded():
     """Why branches pad the first stage instead: zeros are not what the first conv gives."""
     torch.manual_seed(0)
-    first = Conv(
-        torch.randn(2, 1, 3, 3, dtype=torch.float64),
-        torch.randn(2, dtype=torch.float64),
-        padding=(1, 1),
-    )
-    second = Conv(
-        torch.randn(1, 2, 3, 3, dtype=torch.float64),
-        torch.randn(1, dtype=torch.float64),
-        padding=(1, 1),
-    )
+    first, second = seeded_conv((2, 1, 3, 3), (1, 1)), seeded_conv((1, 2, 3, 3), (1, 1))
     x = torch.randn(1, 1, 9, 9, dtype=torch.float64)
     naive, exact = second(first(x)), kernels.compose(first, second)(x)
     inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
@@ -251,16 +249,8 @@ def test_naive_sequence_differs_at_the_border_when_the_intermediate_is_zero_padd
 
 def test_worked_example_3x3_then_5x5_full_padding_is_one_7x7():
     torch.manual_seed(0)
-    first = Conv(
-        torch.randn(100, 1, 3, 3, dtype=torch.float64),
-        torch.zeros(100, dtype=torch.float64),
-        padding=(2, 2),
-    )
-    second = Conv(
-        torch.randn(2, 100, 5, 5, dtype=torch.float64),
-        torch.zeros(2, dtype=torch.float64),
-        padding=(4, 4),
-    )
+    first = seeded_conv((100, 1, 3, 3), (2, 2), bias=False)
+    second = seeded_conv((2, 100, 5, 5), (4, 4), bias=False)
     composed = kernels.compose(first, second)
     assert composed.weight.shape == (2, 1, 7, 7)
     assert composed.padding == (6, 6)
@@ -271,16 +261,7 @@ def test_worked_example_3x3_then_5x5_full_padding_is_one_7x7():
 
 def test_worked_example_3x3_then_3x5_with_biases_is_one_5x7_with_bias():
     torch.manual_seed(1)
-    first = Conv(
-        torch.randn(4, 3, 3, 3, dtype=torch.float64),
-        torch.randn(4, dtype=torch.float64),
-        padding=(1, 1),
-    )
-    second = Conv(
-        torch.randn(5, 4, 3, 5, dtype=torch.float64),
-        torch.randn(5, dtype=torch.float64),
-        padding=(1, 2),
-    )
+    first, second = seeded_conv((4, 3, 3, 3), (1, 1)), seeded_conv((5, 4, 3, 5), (1, 2))
     composed = kernels.compose(first, second)
     assert composed.weight.shape == (5, 3, 5, 7)
     assert composed.padding == (2, 3)
