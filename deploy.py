@@ -8,11 +8,19 @@ from omegaconf import DictConfig, OmegaConf
 
 @hydra.main(config_path="configs", config_name="deploy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
     from repnet.checkpoints import DeployError
     from repnet.deployment import deploy
 
     try:
-        report = deploy(**OmegaConf.to_container(cfg, resolve=True))
+        report = deploy(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except MissingMandatoryValue as error:
+        print(
+            f"deploy.py: error: {error.full_key} is required (deploy.py {error.full_key}=...)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except DeployError as error:
         print(f"deploy.py: error: {error}", file=sys.stderr)
         sys.exit(1)

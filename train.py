@@ -1,5 +1,7 @@
 """Train a re-parameterizable model: ``python train.py block=dbb data=cifar10 ...``."""
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -7,9 +9,14 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from repnet.data import DatasetUnavailableError
     from repnet.training import train
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, HydraConfig.get().runtime.output_dir)
+    except DatasetUnavailableError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

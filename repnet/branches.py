@@ -179,11 +179,14 @@ def _single(size_of: Callable[[Geometry], Pair], name: str):
 
 
 def _identity(geo: Geometry, norm: NormFactory) -> Branch:
-    conv = identity(geo.out_channels, geo.groups, geo.padding_for((1, 1), "identity"), geo.dilation)
+    padding = geo.padding_for((1, 1), "identity")
+    conv = identity(geo.out_channels, geo.groups, padding, geo.dilation)
     return Branch(Stage(KernelOp(conv, learnable=False, passthrough=True), norm(geo.out_channels)))
 
 
-def _then_kxk(second: Callable[[Geometry, int], KernelOp], mid_channels: Callable[[Geometry], int]):
+def _after_1x1(
+    second: Callable[[Geometry, int], KernelOp], mid_channels: Callable[[Geometry], int]
+):
     """A 1x1 conv, then ``second``; the 1x1 runs on the padded input so the borders stay exact."""
 
     def build(geo: Geometry, norm: NormFactory) -> Branch:
@@ -213,8 +216,8 @@ BRANCHES: dict[str, Callable[[Geometry, NormFactory], Branch]] = {
     "1xk": _single(lambda g: (1, g.kernel_size[1]), "1xk"),
     "kx1": _single(lambda g: (g.kernel_size[0], 1), "kx1"),
     "identity": _identity,
-    "1x1_kxk": _then_kxk(_kxk_after, lambda g: g.in_channels),
-    "1x1_avg": _then_kxk(_avg_after, lambda g: g.out_channels),
+    "1x1_kxk": _after_1x1(_kxk_after, lambda g: g.in_channels),
+    "1x1_avg": _after_1x1(_avg_after, lambda g: g.out_channels),
 }
 
 

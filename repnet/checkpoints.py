@@ -12,7 +12,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,22 +103,31 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def staged(out_dir: str | Path) -> Iterator[Path]:
+def staged(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Path]:
     """Write into a staging folder; on success every file is renamed into ``out_dir``.
 
-    On failure the staging folder is removed, and so is ``out_dir`` if this made it.
+    Files named in ``owned`` that this run did not write are removed, so ``out_dir``
+    never mixes outputs of two runs. On failure the staging folder goes, and so do
+    the folders this made.
     """
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    committed = False
     try:
         yield staging
         mode = 0o666 & ~_umask()
+        written = {item.name for item in staging.iterdir()}
         for item in staging.iterdir():
             item.chmod(mode)
             os.replace(item, out_dir / item.name)
+        for name in set(owned) - written:
+            (out_dir / name).unlink(missing_ok=True)
+        committed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if not committed:
+            for folder in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

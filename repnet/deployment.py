@@ -10,18 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.checkpoints import Checkpoint, DeployError, load_checkpoint, staged
+from repnet.data import DATAMODULES
+from repnet.dynamic import DynamicConv2d
 from repnet.export import EXPORTERS, Runner
 from repnet.models import build_model
 from repnet.reparam import Verification, reparameterize, verify
 
 CONFIG_NAME, WEIGHTS_NAME = "config.yaml", "model.safetensors"
+DATAMODULE_CLASSES = {
+    f"{cls.__module__}.{cls.__qualname__}": cls
+    for cls in {getattr(factory, "func", factory) for factory in DATAMODULES.values()}
+}
 
 
 @dataclass
@@ -40,27 +45,50 @@ class DeployReport:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def find_run_config(ckpt_path: Path, config: str | Path | None) -> DictConfig | None:
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file as plain data: nothing resolved (no ``${oc.env:…}``), nothing instantiated."""
+    try:
+        content = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as error:  # omegaconf and yaml raise many kinds on a broken file
+        raise DeployError(f"{path} is not a readable YAML config ({error})") from None
+    if not isinstance(content, dict):
+        raise DeployError(f"{path} is not a config mapping")
+    return content
+
+
+def find_run_config(ckpt_path: Path, config: str | Path | None) -> dict[str, Any] | None:
     """The given config file, else ``config.yaml`` beside the checkpoint or one folder up."""
     if config is not None:
         if not Path(config).is_file():
             raise DeployError(f"no config file at {config}")
-        return OmegaConf.load(config)
+        return _read_yaml(Path(config))
     for candidate in (ckpt_path.parent / CONFIG_NAME, ckpt_path.parent.parent / CONFIG_NAME):
         if candidate.is_file():
-            return OmegaConf.load(candidate)
+            return _read_yaml(candidate)
     return None
 
 
-def describe(checkpoint: Checkpoint, run_config: DictConfig | None) -> tuple[dict, list[int]]:
+def describe(checkpoint: Checkpoint, run_config: dict | None) -> tuple[dict, list[int]]:
     """``build_model`` keywords and one sample's ``[C, H, W]``, from run config or checkpoint."""
     for source in (run_config, checkpoint.hyper_parameters):
-        if source is not None and "architecture" in source and "input_size" in source:
-            plain = OmegaConf.to_container(OmegaConf.create(dict(source)), resolve=True)
-            return plain["architecture"], list(plain["input_size"])
+        if isinstance(source, dict) and "architecture" in source and "input_size" in source:
+            architecture, input_size = source["architecture"], source["input_size"]
+            if not isinstance(architecture, dict) or not _is_shape(input_size):
+                raise DeployError(
+                    "the architecture or input_size recorded for this model is malformed"
+                )
+            return dict(architecture), [int(n) for n in input_size]
     raise DeployError(
         "cannot tell the architecture: the checkpoint holds none and no run config.yaml was "
         "found beside it; pass config=<run>/config.yaml"
+    )
+
+
+def _is_shape(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 3
+        and all(isinstance(n, int) and n > 0 for n in value)
     )
 
 
@@ -86,7 +114,10 @@ def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Mod
     forms = (True, False) if already_deployed else (False, True)
     problems = None
     for deploy in forms:
-        model = build_model(**architecture, deploy=deploy)
+        try:
+            model = build_model(**architecture, deploy=deploy)
+        except (TypeError, ValueError) as error:
+            raise DeployError(f"the recorded architecture cannot be built: {error}") from None
         mismatch = _mismatch(model, state)
         if not mismatch:
             model.load_state_dict(state)
@@ -98,15 +129,22 @@ def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Mod
     )
 
 
-def validation_batch(run_config: DictConfig | None, batches: int) -> tuple[Tensor | None, str]:
-    """Real validation images from the run's data, when it is a repnet dataset that is here."""
-    data = run_config.get("data") if run_config is not None else None
-    if batches < 1 or data is None:
+def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | None, str]:
+    """Real validation images from the run's data, when it is a repnet dataset that is here.
+
+    The config is untrusted: only repnet's own data modules are built, from plain values.
+    """
+    data = dict(run_config.get("data") or {}) if run_config is not None else {}
+    if batches < 1 or not data:
         return None, "no real data: random inputs only"
-    if not str(data.get("_target_", "")).startswith("repnet.data."):
-        return None, "the run's data is not a repnet dataset: random inputs only"
+    datamodule_class = DATAMODULE_CLASSES.get(str(data.pop("_target_", "")))
+    if "download" in data:
+        data["download"] = False  # deploying never downloads
+    plain = all(isinstance(v, str | int | float | bool | type(None)) for v in data.values())
+    if datamodule_class is None or not plain:
+        return None, "the run's data is not a plain repnet dataset config: random inputs only"
     try:
-        datamodule = instantiate(data)
+        datamodule = datamodule_class(**data)
         datamodule.setup("validate")
         loader = iter(datamodule.val_dataloader())
         images = torch.cat([next(loader)[0] for _ in range(batches)])
@@ -157,6 +195,7 @@ def deploy(
     config: str | Path | None = None,
     out_dir: str | Path | None = None,
     export: str | Sequence[str] = (),
+    export_batch: int | None = None,
     max_rel: float = 1e-4,
     random_inputs: int = 8,
     real_batches: int = 1,
@@ -164,7 +203,11 @@ def deploy(
     seed: int = 0,
 ) -> DeployReport:
     """Convert ``ckpt_path``, verify it, and write ``model.safetensors``, ``config.yaml`` and
-    any ``export`` (``onnx``, ``pt2``) into ``out_dir``; nothing is written if a check fails."""
+    any ``export`` (``onnx``, ``pt2``) into ``out_dir``; nothing is written if a check fails.
+
+    Exports take a dynamic batch unless ``export_batch`` fixes it (dynamic convs need that:
+    their group count is the batch size).
+    """
     ckpt_path = Path(ckpt_path)
     formats = check_formats(export)
     checkpoint = load_checkpoint(ckpt_path)
@@ -172,22 +215,37 @@ def deploy(
     architecture, input_size = describe(checkpoint, run_config)
     model = load_model(architecture, checkpoint.state_dict)
     deployed = reparameterize(model)
+    out = Path(out_dir) if out_dir else default_out_dir(ckpt_path)
+    if out.exists() and not out.is_dir():
+        raise DeployError(f"out_dir {out} exists and is not a folder")
+    if (
+        formats
+        and export_batch is None
+        and any(isinstance(m, DynamicConv2d) for m in deployed.modules())
+    ):
+        raise DeployError(
+            "dynamic convolutions export only for a fixed batch (their group count is the "
+            "batch size): pass export_batch=N"
+        )
 
     generator = torch.Generator().manual_seed(seed)
-    random = torch.randn(max(2, random_inputs), *input_size, generator=generator)
+    random = torch.randn(max(2, random_inputs, export_batch or 0), *input_size, generator=generator)
     real, data_note = validation_batch(run_config, real_batches)
-    checks = {"random inputs": verify(model, deployed, random)}
+    try:
+        checks = {"random inputs": verify(model, deployed, random)}
+    except RuntimeError as error:
+        raise DeployError(f"the model does not take inputs of size {input_size}: {error}") from None
     if real is not None:
         checks["real validation data"] = verify(model, deployed, real)
-    report = DeployReport(Path(out_dir) if out_dir else default_out_dir(ckpt_path), checks)
-    report.notes.append(data_note)
+    report = DeployReport(out, checks, notes=[data_note])
     _refuse_if_over(checks, max_rel, "the deploy form")
 
-    example, one = random[:2], random[:1]  # export traces a batch of 2; latency is batch 1
-    with staged(report.out_dir) as stage:
-        save_file(
-            {k: v.contiguous() for k, v in deployed.state_dict().items()}, stage / WEIGHTS_NAME
-        )
+    one = random[:1]
+    example = random[: export_batch or 2]  # a dynamic batch is traced with 2 (1 specialises)
+    owned = [WEIGHTS_NAME, CONFIG_NAME, *(filename for filename, _ in EXPORTERS.values())]
+    with staged(out, owned) as stage:
+        state = {k: v.contiguous() for k, v in deployed.state_dict().items()}
+        save_file(state, stage / WEIGHTS_NAME)
         summary = {name: vars(check) for name, check in checks.items()}
         OmegaConf.save(
             {
@@ -205,11 +263,22 @@ def deploy(
         ]
         for name in formats:
             filename, exporter = EXPORTERS[name]
-            runner = exporter(deployed, example, stage / filename)
-            check = verify(deployed, runner, random)
+            try:
+                runner = exporter(deployed, example, stage / filename, export_batch is None)
+            except DeployError:
+                raise
+            except Exception as error:  # the exporters fail in many ways on unsupported graphs
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise DeployError(
+                    f"export {name!r} failed: {type(error).__name__}: {reason}"
+                ) from None
+            check = verify(deployed, runner, example)
             checks[f"{name} vs deploy form"] = check
             _refuse_if_over({name: check}, max_rel, f"the {name} export")
-            report.rows.append(_row(name, None, one, runner, latency_runs, stage / filename))
+            label, x = (
+                (name, one) if export_batch is None else (f"{name} (batch {export_batch})", example)
+            )
+            report.rows.append(_row(label, None, x, runner, latency_runs, stage / filename))
         for row in report.rows:
             row["file"] = Path(row["file"]).name
     return report

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from repnet.block import BranchSpec, make_geometry, resolve_branches
 from repnet.branches import ChannelScale, Geometry, build_branches, summed_kernel
-from repnet.kernels import apply_conv
+from repnet.kernels import apply_conv, bn_affine
 
 
 def mixed_kernels(attention: Tensor, weights: Tensor, biases: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +103,9 @@ class DynamicConv2d(nn.Module):
             raise ValueError(f"num_experts must be positive, got {num_experts}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-        self.geometry, self.strategy, self.temperature = geo, strategy, float(temperature)
+        self.geometry, self.strategy = geo, strategy
+        # A buffer, so the annealed value is saved with the weights and deployed with them.
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.branch_names = resolve_branches(branches, geo)
         hidden = max(4, in_channels // reduction)
         self.attention = nn.Sequential(
@@ -155,8 +157,9 @@ class DynamicConv2d(nn.Module):
             return
         weights, biases = self.expert_kernels()
         norm = self.norm
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        shift = norm.bias - norm.running_mean * scale
+        scale, shift = bn_affine(
+            norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps
+        )
         self.weight = nn.Parameter(weights * scale.reshape(1, -1, 1, 1, 1))
         self.bias = nn.Parameter(biases * scale + shift)
         self.experts = self.norm = None
@@ -167,23 +170,23 @@ class DynamicConv2d(nn.Module):
             f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
             f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
             f"groups={geo.groups}, experts={len(self.attention[-1].weight)}, "
-            f"branches={list(self.branch_names)}, temperature={self.temperature:g}, "
+            f"branches={list(self.branch_names)}, temperature={self.temperature.item():g}, "
             f"strategy={self.strategy}, deployed={self.deployed}"
         )
 
 
 class TemperatureAnnealing(pl.Callback):
-    """Anneal every dynamic conv's softmax temperature linearly from ``start`` to ``end``
-    over the first ``epochs`` epochs (near-uniform experts first, then sharper)."""
+    """Anneal every dynamic conv's softmax temperature linearly from ``start`` (epoch 0) to
+    ``end`` (epoch ``epochs - 1`` and after): near-uniform experts first, then sharper."""
 
     def __init__(self, start: float = 30.0, end: float = 1.0, epochs: int = 10):
         self.start, self.end, self.epochs = start, end, epochs
 
     def temperature(self, epoch: int) -> float:
-        progress = min(1.0, epoch / max(1, self.epochs))
+        progress = min(1.0, epoch / max(1, self.epochs - 1))
         return self.start + (self.end - self.start) * progress
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for module in pl_module.modules():
             if isinstance(module, DynamicConv2d):
-                module.temperature = self.temperature(trainer.current_epoch)
+                module.temperature.fill_(self.temperature(trainer.current_epoch))

@@ -13,13 +13,13 @@ from repnet.checkpoints import DeployError
 Runner = Callable[[Tensor], Tensor]
 
 
-def _batch_dimension() -> dict[int, torch.export.Dim]:
-    """The batch axis stays dynamic (export with an example batch of 2 or more)."""
-    return {0: torch.export.Dim("batch")}
+def _shapes(dynamic_batch: bool) -> tuple[dict[int, torch.export.Dim]] | None:
+    """A dynamic batch axis (traced with an example batch of 2 or more), or all shapes fixed."""
+    return ({0: torch.export.Dim("batch")},) if dynamic_batch else None
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Runner:
-    """ONNX (dynamic batch) through ``torch.onnx``; runs back in ONNX Runtime on the CPU."""
+def export_onnx(model: nn.Module, example: Tensor, path: Path, dynamic_batch: bool) -> Runner:
+    """ONNX through ``torch.onnx``; runs back in ONNX Runtime on the CPU."""
     try:
         import onnxruntime
     except ImportError:
@@ -32,7 +32,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Runner:
         str(path),
         input_names=["images"],
         output_names=["logits"],
-        dynamic_shapes=(_batch_dimension(),),
+        dynamic_shapes=_shapes(dynamic_batch),
         dynamo=True,
         external_data=False,
         verbose=False,
@@ -45,15 +45,15 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Runner:
     return run
 
 
-def export_pt2(model: nn.Module, example: Tensor, path: Path) -> Runner:
-    """A ``torch.export`` program (dynamic batch), saved and loaded back with ``torch.export``."""
-    program = torch.export.export(model, (example,), dynamic_shapes=(_batch_dimension(),))
+def export_pt2(model: nn.Module, example: Tensor, path: Path, dynamic_batch: bool) -> Runner:
+    """A ``torch.export`` program, saved and loaded back with ``torch.export``."""
+    program = torch.export.export(model, (example,), dynamic_shapes=_shapes(dynamic_batch))
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()
     return lambda x: loaded(x)  # a plain callable: the loaded module refuses train()/eval()
 
 
-EXPORTERS: dict[str, tuple[str, Callable[[nn.Module, Tensor, Path], Runner]]] = {
+EXPORTERS: dict[str, tuple[str, Callable[[nn.Module, Tensor, Path, bool], Runner]]] = {
     "onnx": ("model.onnx", export_onnx),
     "pt2": ("model.pt2", export_pt2),
 }

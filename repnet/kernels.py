@@ -95,10 +95,23 @@ def affine(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
     )
 
 
-def fuse_bn(conv: Conv, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Conv:
+def bn_affine(
+    mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as ``y = s·x + t``: ``s = γ/σ``, ``t = β - μ·γ/σ``, ``σ = √(var + ε)``
+    (``γ = 1``, ``β = 0`` without affine parameters)."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = gamma * scale
+    shift = -mean * scale
+    return scale, shift if beta is None else beta + shift
+
+
+def fuse_bn(
+    conv: Conv, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float
+) -> Conv:
     """BN(conv(x)) as one conv: ``W' = W·γ/σ``, ``b' = β + (b - μ)·γ/σ``, ``σ = √(var + ε)``."""
-    scale = gamma / torch.sqrt(var + eps)
-    return affine(conv, scale, beta - mean * scale)
+    return affine(conv, *bn_affine(mean, var, gamma, beta, eps))
 
 
 def _channel_diagonal(
@@ -119,7 +132,10 @@ def identity(
     dilation: Pair = (1, 1),
     like: Tensor | None = None,
 ) -> Conv:
-    """The identity as a 1x1 conv: ``W[o, o mod C/g] = 1``, ``b = 0``."""
+    """The identity as a 1x1 conv: ``W[o, o mod C/g] = 1``, ``b = 0``.
+
+    ``dilation`` does nothing to a 1x1, but ``pad_to`` spaces the taps it adds by it.
+    """
     weight = _channel_diagonal(channels, groups, (1, 1), 1.0, like)
     return Conv(weight, weight.new_zeros(channels), (1, 1), padding, dilation, groups)
 
@@ -185,6 +201,9 @@ def _aligned(convs: tuple[Conv, ...]) -> list[Conv]:
 
 def add(*convs: Conv) -> Conv:
     """Parallel branches summed: ``Σ_i conv_i(x)`` is one conv with ``W = Σ W_i``, ``b = Σ b_i``."""
+    channels = [c.out_channels for c in convs]
+    if len(set(channels)) > 1:
+        raise ValueError(f"parallel convs to add need equal out_channels, got {channels}")
     aligned = _aligned(convs)
     groups = {c.groups for c in aligned}
     if len(groups) > 1:

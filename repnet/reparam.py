@@ -76,13 +76,23 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if (
             isinstance(source, torch.fx.Node)
             and source.op == "call_module"
-            and type(modules[source.target]) is nn.Conv2d
+            and _foldable(modules[source.target], modules[node.target])
             and len(source.users) == 1
             and calls[source.target] == 1
             and calls[node.target] == 1
         ):
             pairs.append((source.target, node.target))
     return pairs
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A zero-padded ``nn.Conv2d`` and a BN with running statistics (eval uses those)."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and bn.running_mean is not None
+    )
 
 
 @torch.no_grad()

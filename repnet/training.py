@@ -46,7 +46,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
 
 
 @torch.no_grad()
-def deploy_gap(module: Classifier, datamodule) -> dict[str, float]:
+def final_deploy_check(module: Classifier, datamodule) -> dict[str, float]:
     """Convert the final model and compare it with the trained one on the whole validation set."""
     model = module.model.eval()
     deployed = reparameterize(model)
@@ -83,15 +83,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         default_root_dir=str(run_dir),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     datamodule.setup("validate")
     summary = {
         "best_val_acc": best_score(checkpoint) if checkpoint is not None else None,
-        **deploy_gap(module, datamodule),
+        **final_deploy_check(module, datamodule),
         "run_dir": str(run_dir),
         "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": str(last)
+        if (last := run_dir / "checkpoints" / "last.ckpt").is_file()
+        else None,
     }
     if trainer.is_global_zero:
         print(summary_line(summary), flush=True)

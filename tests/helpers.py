@@ -23,6 +23,8 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 (module.weight, 0.3, 2.0),
                 (module.bias, -1.0, 1.0),
             ):
+                if tensor is None:  # no running statistics, or no affine parameters
+                    continue
                 random = torch.rand(tensor.shape, generator=generator, dtype=torch.float64)
                 tensor.copy_(low + (high - low) * random)
     return model

@@ -191,3 +191,35 @@ def test_cli_unknown_export_format_is_refused_before_any_work(run_dir, tmp_path)
         f"out_dir={out}",
     )
     assert_one_clear_error(result, "unknown export format ['tflite']", out)
+
+
+def test_a_config_cannot_make_deploy_run_code(run_dir, tmp_path):
+    """The run config is data: nested targets are not instantiated, interpolations not resolved."""
+    marker = tmp_path / "code-ran"
+    payload = tmp_path / "payload.pt"
+    torch.save(RunsCode(marker), payload)
+    config = (
+        (run_dir / "config.yaml")
+        .read_text()
+        .replace(
+            "  batch_size: 64",
+            f"  batch_size:\n    _target_: torch.load\n    f: {payload}\n    weights_only: false",
+        )
+    )
+    assert "torch.load" in config
+    (tmp_path / "config.yaml").write_text(config)
+    report = deploy(
+        run_dir / "checkpoints" / "last.ckpt",
+        config=tmp_path / "config.yaml",
+        out_dir=tmp_path / "o",
+    )
+    assert not marker.exists()
+    assert "not a plain repnet dataset" in report.notes[0]
+    assert set(report.checks) == {"random inputs"}
+
+
+def test_a_new_deploy_leaves_no_file_of_an_older_one(run_dir, tmp_path):
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export=["pt2"], latency_runs=1)
+    assert (tmp_path / "model.pt2").is_file()
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
+    assert not (tmp_path / "model.pt2").exists()

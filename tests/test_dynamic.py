@@ -105,7 +105,9 @@ def test_deploy_true_builds_the_deployed_form_that_loads_deployed_weights():
 def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
     module = DynamicConv2d(3, 3, num_experts=5)
     x = torch.randn(4, 3, 8, 8)
-    soft, sharp = module.attend(x), (setattr(module, "temperature", 0.01), module.attend(x))[1]
+    soft = module.attend(x)
+    module.temperature.fill_(0.01)
+    sharp = module.attend(x)
     assert torch.allclose(soft.sum(1), torch.ones(4)) and torch.allclose(
         sharp.sum(1), torch.ones(4)
     )
@@ -113,7 +115,7 @@ def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
 
 
 def test_temperature_annealing_is_linear_then_flat():
-    schedule = TemperatureAnnealing(start=30.0, end=1.0, epochs=10)
+    schedule = TemperatureAnnealing(start=30.0, end=1.0, epochs=11)
     assert [schedule.temperature(e) for e in (0, 5, 10, 20)] == [30.0, 15.5, 1.0, 1.0]
 
 
@@ -132,4 +134,21 @@ def test_dynamic_blocks_train_under_lightning_and_deploy(tmp_path):
     assert summary["max_abs_diff"] < 1e-3 and summary["argmax_agreement"] == 1.0
     report = repnet.deployment.deploy(tmp_path / "checkpoints" / "last.ckpt", latency_runs=1)
     deployed = repnet.load_deployed(report.out_dir)
-    assert all(m.deployed for m in deployed.modules() if isinstance(m, DynamicConv2d))
+    dynamic_convs = [m for m in deployed.modules() if isinstance(m, DynamicConv2d)]
+    assert dynamic_convs and all(m.deployed for m in dynamic_convs)
+    annealed = TemperatureAnnealing().temperature(1)  # the second (last) epoch's temperature
+    assert all(m.temperature.item() == pytest.approx(annealed) for m in dynamic_convs)
+
+
+def test_dynamic_models_export_for_a_fixed_batch(tmp_path):
+    cfg = compose(["block=dynamic", *QUICK, "logger=csv", "trainer.max_epochs=1"])
+    train(cfg, tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(repnet.checkpoints.DeployError, match="export_batch"):
+        repnet.deployment.deploy(last, export=["pt2"], out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    report = repnet.deployment.deploy(
+        last, export=["pt2", "onnx"], export_batch=4, out_dir=tmp_path / "out", latency_runs=1
+    )
+    assert report.checks["pt2 vs deploy form"].max_rel < 1e-5
+    assert report.checks["onnx vs deploy form"].max_rel < 1e-5

@@ -293,3 +293,10 @@ def test_to_conv2d_round_trips():
     assert torch.equal(module(x), conv(x)) and back.stride == conv.stride
     with pytest.raises(ValueError, match="negative"):
         kernels.to_conv2d(replace(conv, padding=(-1, 0)))
+
+
+def test_add_refuses_different_output_channels():
+    one = Conv(torch.ones(1, 1, 1, 1), torch.zeros(1))
+    four = Conv(torch.ones(4, 1, 1, 1), torch.zeros(4))
+    with pytest.raises(ValueError, match="equal out_channels"):
+        kernels.add(one, four)

@@ -126,3 +126,20 @@ def test_sync_batchnorm_models_convert_too():
     deployed = repnet.reparameterize(model)
     assert no_batchnorm_left(deployed)
     assert repnet.verify(model, deployed, x).max_rel <= 1e-10
+
+
+@pytest.mark.parametrize(
+    ("conv", "bn", "folded"),
+    [
+        (nn.Conv2d(2, 3, 3, padding="same"), nn.BatchNorm2d(3), False),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(3), False),
+        (nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), False),
+        (nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, affine=False), True),
+    ],
+)
+def test_pairs_that_cannot_fold_are_kept_and_the_rest_fold(conv, bn, folded):
+    model = randomize_norms(nn.Sequential(conv, bn)).double().eval()
+    deployed = repnet.reparameterize(model)
+    assert isinstance(deployed[1], nn.Identity) == folded
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    assert repnet.verify(model, deployed, x).max_rel <= 1e-10

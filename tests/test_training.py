@@ -172,3 +172,17 @@ def test_multirun_sweeps_block_presets(tmp_path):
     for job, preset in (("0", "repvgg"), ("1", "acb")):
         assert OmegaConf.load(tmp_path / job / "config.yaml").block.branches == preset
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_missing_cifar_is_one_clear_error_line(tmp_path):
+    result = run_cli(
+        "data=cifar10",
+        "data.download=false",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "callbacks.progress_bar=null",
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "cifar-10-batches-py" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -27,10 +27,11 @@ def block_factory(block: BlockChoice, deploy: bool = False) -> BlockFactory:
     options = dict(block) if isinstance(block, Mapping) else {"branches": block}
     if isinstance(options.get("branches"), Sequence) and not isinstance(options["branches"], str):
         options["branches"] = list(options["branches"])
+    options["deploy"] = deploy
     kind = options.pop("kind", "rep")
     if kind not in KINDS:
         raise ValueError(f"block kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return partial(KINDS[kind], **options, deploy=deploy)
+    return partial(KINDS[kind], **options)
 
 
 def conv_bn(in_channels: int, out_channels: int, stride: int = 1, deploy: bool = False):
