@@ -303,6 +303,7 @@ class FakeDataModule(ImageClassificationDataModule):
         self.val_dataset = sample(self.val_size)
 
 
+# The data modules by name; deploy.py builds only these from a run's config.
 DATAMODULES: dict[str, Callable[..., ImageClassificationDataModule]] = {
     "digits": DigitsDataModule,
     "cifar10": partial(CIFARDataModule, num_classes=10),
@@ -310,10 +311,3 @@ DATAMODULES: dict[str, Callable[..., ImageClassificationDataModule]] = {
     "imagefolder": ImageFolderDataModule,
     "fake": FakeDataModule,
 }
-
-
-def build_datamodule(name: str, **kwargs) -> ImageClassificationDataModule:
-    """Build the datamodule registered under `name` with constructor `kwargs`."""
-    if name not in DATAMODULES:
-        raise ValueError(f"Unknown datamodule {name!r}; valid names: {', '.join(DATAMODULES)}")
-    return DATAMODULES[name](**kwargs)
