@@ -112,9 +112,9 @@ class Classifier(pl.LightningModule):
         self.deploy_copy = []
         if self.trainer.sanity_checking:
             return
-        accuracy = self.trainer.callback_metrics.get("val/acc")
-        if accuracy is not None:
-            self.log("hp/val_acc", accuracy, sync_dist=True)
+        if self.val_acc.update_called:
+            accuracy = self.val_acc.compute()  # this epoch's, synced across processes
+            self.log("hp/val_acc", accuracy)
             self._write_hparams(float(accuracy))
         for name, shares in branch_shares(self.model).items():
             self.log(f"branches/{name}", sum(shares) / len(shares), sync_dist=True)
