@@ -46,9 +46,9 @@ def block_geometry(draw, odd_kernels: bool = True):
     if depthwise:
         channels = draw(st.integers(2, 5))
         in_channels = out_channels = groups = channels
-    sizes = [1, 3, 5] if odd_kernels else [1, 2, 3, 4]
+    sizes = [1, 3, 5, 7] if odd_kernels else [1, 2, 3, 4]
     kernel = (draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes)))
-    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     same = [d * (k - 1) // 2 for d, k in zip(dilation, kernel)]
     padding = tuple(draw(st.integers(0, s + 2)) for s in same)
