@@ -163,6 +163,8 @@ def pad_to(conv: Conv, kernel_size: Pair) -> Conv:
             "sizes must differ by an even, non-negative amount per axis"
         )
     (gh, gw) = (grow[0] // 2, grow[1] // 2)
+    if (gh, gw) == (0, 0):
+        return conv
     weight = F.pad(conv.weight, (gw, gw, gh, gh))
     padding = (conv.padding[0] + conv.dilation[0] * gh, conv.padding[1] + conv.dilation[1] * gw)
     return replace(conv, weight=weight, padding=padding)
