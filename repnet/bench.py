@@ -13,8 +13,10 @@ Every figure is the median of several repeats; compare ratios, not absolute time
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +66,8 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
 ) -> dict[str, tuple[float, list[float]]]:
-    """Time several functions in turns (round-robin), so load drift hits all alike.
+    """Time several functions in rounds, each round in a new (seeded) random order, so load
+    drift and whatever ran just before (caches, allocator state) hit all alike.
 
     Returns, per name, the median seconds and the list of per-round times.
     """
@@ -72,10 +75,12 @@ def interleaved(
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(t), t) for name, t in times.items()}
 
@@ -248,6 +253,24 @@ def _run(model: Callable[[Tensor], Tensor], x: Tensor, mode: str) -> None:
         y.sum().backward()
 
 
+def pin_allocator() -> str:
+    """Fix glibc malloc's thresholds (mmap above 32 MiB, never trim) for this process.
+
+    glibc adapts them as the process runs, so the same conv took 0 or ~230 page faults
+    per call (and up to 2x the time) depending on what ran before; pinned, large
+    temporaries are reused, as with the caching allocators (jemalloc, tcmalloc) PyTorch
+    recommends for CPU work. Returns what was done, for the results file.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30):
+        return "glibc, thresholds pinned (mmap 32 MiB, no trim)"
+    return "system default (mallopt refused)"
+
+
 def format_table(rows: list[dict]) -> str:
     header = list(rows[0])
     cells = [header] + [[str(row[key]) for key in header] for row in rows]
@@ -255,10 +278,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings, allocator: str = "system default") -> dict:
     return {
         "machine": {
             "platform": platform.platform(),
+            "allocator": allocator,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -274,8 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller runs (< 1 min)")
     parser.add_argument("--json", type=Path, default=Path("bench.json"), help="results file")
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds"
+    )
     args = parser.parse_args(argv)
-    results = run(QUICK if args.quick else FULL)
+    allocator = "system default" if args.system_malloc else pin_allocator()
+    results = run(QUICK if args.quick else FULL, allocator)
     for section in ("inference", "conversion", "training", "dynamic"):
         print(f"\n## {section}\n{format_table(results[section])}")
     temporary = args.json.with_suffix(".tmp")
