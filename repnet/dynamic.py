@@ -8,28 +8,32 @@ conv: the batch folds into the channel axis, ``[1, B·C, H, W]`` with kernels
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from repnet.block import BranchSpec, make_geometry, resolve_branches
+from repnet.block import PRESETS, BranchSpec, make_geometry, resolve_branches
 from repnet.branches import ChannelScale, Geometry, build_branches, summed_kernel
 from repnet.kernels import apply_conv, bn_affine
 
 
-def mixed_kernels(attention: Tensor, weights: Tensor, biases: Tensor) -> tuple[Tensor, Tensor]:
+def mixed_kernels(
+    attention: Tensor, weights: Tensor, biases: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """Per-sample kernel and bias: ``W_b = Σ_k a_bk W_k``, ``b_b = Σ_k a_bk b_k``.
 
     One ``[B, K] @ [K, N]`` product and no transposed copy: its backward products
     (``aᵀ @ G`` and ``G @ Wᵀ``) are then fast layouts too (``F.linear``'s took 4-6x longer).
     """
     mixed = attention @ weights.flatten(1)
-    return mixed.reshape(len(attention), *weights.shape[1:]), attention @ biases
+    bias = None if biases is None else attention @ biases
+    return mixed.reshape(len(attention), *weights.shape[1:]), bias
 
 
-def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Tensor:
+def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor | None, geo: Geometry) -> Tensor:
     """All samples in one conv: batch folded into channels, ``groups = B·g``.
 
     Every reshape here is a view (NCHW): no copies. Channels-last measured slower on CPU,
@@ -39,7 +43,7 @@ def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Ten
     y = apply_conv(
         x.reshape(1, -1, *x.shape[2:]),
         kernels.reshape(-1, *kernels.shape[2:]),
-        bias.reshape(-1),
+        None if bias is None else bias.reshape(-1),
         geo.stride,
         geo.padding,
         geo.dilation,
@@ -48,19 +52,25 @@ def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Ten
     return y.reshape(batch, -1, *y.shape[2:])
 
 
-def conv_per_sample(x: Tensor, kernels: Tensor, bias: Tensor, geo: Geometry) -> Tensor:
+def conv_per_sample(x: Tensor, kernels: Tensor, bias: Tensor | None, geo: Geometry) -> Tensor:
     """One conv per sample (large maps: each conv is big enough to run efficiently)."""
     return torch.cat(
         [
             apply_conv(
-                x[i : i + 1], kernels[i], bias[i], geo.stride, geo.padding, geo.dilation, geo.groups
+                x[i : i + 1],
+                kernels[i],
+                None if bias is None else bias[i],
+                geo.stride,
+                geo.padding,
+                geo.dilation,
+                geo.groups,
             )
             for i in range(x.shape[0])
         ]
     )
 
 
-STRATEGIES: dict[str, Callable[[Tensor, Tensor, Tensor, Geometry], Tensor]] = {
+STRATEGIES: dict[str, Callable[[Tensor, Tensor, Tensor | None, Geometry], Tensor]] = {
     "grouped": conv_grouped,
     "per_sample": conv_per_sample,
 }
@@ -71,10 +81,13 @@ class DynamicConv2d(nn.Module):
 
     ``branches`` is any preset or list of :class:`~repnet.RepBlock` branches; each
     expert's kernel is built by the kernel algebra on every forward (branch BNs are
-    per-channel scales, as in online mode). ``switch_to_deploy()`` collapses each
-    expert to one kernel and folds the BN into the experts (``Σ_k a_k = 1``, so the
-    BN shift folds exactly). ``strategy`` is ``grouped`` (one conv for the batch; on this
-    project's CPU never slower than the loop, see ``repnet.bench``) or ``per_sample``.
+    per-channel scales, as in online mode). An expert of the one ``kxk`` branch (``plain``)
+    is its kernel: all experts are then one ``[K, O, C/g, kh, kw]`` parameter, as in the
+    deployed form. Trained experts have no bias (the BN after the mix gives the shift).
+    ``switch_to_deploy()`` collapses each expert to one kernel and folds the BN into the
+    experts (``Σ_k a_k = 1``, so the BN shift folds exactly). ``strategy`` is ``grouped``
+    (one conv for the batch; on this project's CPU never slower than the loop, see
+    ``repnet.bench``) or ``per_sample``.
     """
 
     def __init__(
@@ -108,39 +121,40 @@ class DynamicConv2d(nn.Module):
         self.branch_names = resolve_branches(branches, geo)
         hidden = max(4, in_channels // reduction)
         self.attention = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(in_channels, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_experts),
+            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_experts)
         )
         self.act = act() if act is not None else nn.Identity()
+        shape = (num_experts, out_channels, in_channels // groups, *geo.kernel_size)
+        self.weight = self.bias = self.experts = self.norm = None
         if deploy:
-            shape = (num_experts, out_channels, in_channels // groups, *geo.kernel_size)
             self.weight = nn.Parameter(torch.zeros(shape))
             self.bias = nn.Parameter(torch.zeros(num_experts, out_channels))
-            self.experts = self.norm = None
+            return
+        self.norm = nn.BatchNorm2d(out_channels)
+        if self.branch_names == PRESETS["plain"]:
+            self.weight = nn.Parameter(torch.empty(shape))
+            for kernel in self.weight.data:  # each expert initialised like an nn.Conv2d
+                nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
         else:
-            self.weight = self.bias = None
             self.experts = nn.ModuleList(
                 build_branches(geo, self.branch_names, ChannelScale) for _ in range(num_experts)
             )
-            self.norm = nn.BatchNorm2d(out_channels)
 
     @property
     def deployed(self) -> bool:
-        return self.experts is None
+        return self.norm is None
 
-    def expert_kernels(self) -> tuple[Tensor, Tensor]:
-        """All experts' kernels ``[K, O, C/g, kh, kw]`` and biases ``[K, O]``."""
+    def expert_kernels(self) -> tuple[Tensor, Tensor | None]:
+        """All experts' kernels ``[K, O, C/g, kh, kw]`` and biases ``[K, O]`` (``None`` before
+        deployment: every branch op and scale is bias-free)."""
         if self.experts is None:
             return self.weight, self.bias
-        convs = [summed_kernel(expert, self.geometry.kernel_size) for expert in self.experts]
-        return torch.stack([c.weight for c in convs]), torch.stack([c.bias for c in convs])
+        size = self.geometry.kernel_size
+        return torch.stack([summed_kernel(expert, size).weight for expert in self.experts]), None
 
     def attend(self, x: Tensor) -> Tensor:
         """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1."""
-        return torch.softmax(self.attention(x) / self.temperature, dim=1)
+        return torch.softmax(self.attention(x.mean((2, 3))) / self.temperature, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         kernels, bias = mixed_kernels(self.attend(x), *self.expert_kernels())
@@ -152,15 +166,15 @@ class DynamicConv2d(nn.Module):
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
         """Experts become plain kernels with the BN folded in; a second call changes nothing."""
-        if self.experts is None:
+        if self.deployed:
             return
-        weights, biases = self.expert_kernels()
+        weights, _ = self.expert_kernels()
         norm = self.norm
         scale, shift = bn_affine(
             norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps
         )
         self.weight = nn.Parameter(weights * scale.reshape(1, -1, 1, 1, 1))
-        self.bias = nn.Parameter(biases * scale + shift)
+        self.bias = nn.Parameter(shift.expand(len(weights), -1).clone())
         self.experts = self.norm = None
 
     def extra_repr(self) -> str:

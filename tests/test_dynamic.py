@@ -44,7 +44,7 @@ def reference(module: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
     outputs = []
     for b in range(len(x)):
         weight = sum(attention[b, k] * weights[k] for k in range(len(weights)))
-        bias = sum(attention[b, k] * biases[k] for k in range(len(biases)))
+        bias = None if biases is None else attention[b] @ biases
         conv = Conv(weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
         outputs.append(conv(x[b : b + 1]))
     y = torch.cat(outputs)
@@ -66,17 +66,38 @@ def test_both_strategies_equal_the_explicit_per_sample_mixture(geometry, strateg
         assert relative_error(reference(module, x), module(x)) <= 1e-10
 
 
-@given(geometry=block_geometry())
-def test_grouped_and_per_sample_gradients_agree(geometry):
+@given(geometry=block_geometry(), branches=st.sampled_from(["plain", "acb"]))
+def test_grouped_and_per_sample_gradients_agree(geometry, branches):
     """Gradients of the input and of every parameter, compared at the scale of them all."""
     gradients = {}
     for strategy in ("grouped", "per_sample"):
-        module = dynamic(geometry, branches="acb", strategy=strategy).train()
+        module = dynamic(geometry, branches=branches, strategy=strategy).train()
         x = sample(geometry).requires_grad_()
         module(x).square().sum().backward()
         tensors = [x.grad] + [p.grad for p in module.parameters()]
         gradients[strategy] = torch.cat([t.flatten() for t in tensors])
     assert relative_error(gradients["per_sample"], gradients["grouped"]) <= 1e-10
+
+
+@given(geometry=block_geometry(), branches=st.sampled_from(sorted(set(PRESETS) - {"plain"})))
+def test_each_expert_kernel_is_its_branches_summed_and_bias_free(geometry, branches):
+    """The kernel the mixture uses equals running the expert's branch modules themselves."""
+    module = dynamic(geometry, branches=branches)
+    x, geo = sample(geometry), module.geometry
+    with torch.no_grad():
+        weights, biases = module.expert_kernels()
+        for expert, weight in zip(module.experts, weights, strict=True):
+            expected = sum(branch(x) for branch in expert.values())
+            conv = Conv(
+                weight,
+                torch.zeros(len(weight), dtype=weight.dtype),
+                geo.stride,
+                geo.padding,
+                geo.dilation,
+                geo.groups,
+            )
+            assert relative_error(expected, conv(x)) <= 1e-10
+    assert biases is None
 
 
 @given(geometry=block_geometry(), branches=st.sampled_from(sorted(PRESETS)))
