@@ -8,8 +8,6 @@
 4. Dynamic conv: one grouped conv vs a per-sample loop vs a static conv.
 
 Every figure is the median of several repeats; compare ratios, not absolute times.
-Run as a module, the bench binds OpenMP threads one per core (``--unbound-threads`` keeps
-them free) and pins glibc's malloc thresholds (``--system-malloc`` keeps them adaptive).
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,21 +271,6 @@ def pin_allocator() -> str:
     return "system default (mallopt refused)"
 
 
-THREAD_BINDING = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}
-
-
-def rerun_with_bound_threads(argv: list[str]) -> None:
-    """Replace this process by the bench with OpenMP threads bound one per core.
-
-    Unbound, the OS sometimes ran both threads of this 2-core machine on one core for a
-    whole run: small ops then took up to 2.7x longer (a per-sample conv loop 8.4 vs 3.1 ms)
-    while large convs did not change, so ratios moved by 0.2. OpenMP reads the binding
-    once, when torch loads it, hence a fresh process.
-    """
-    env = {**os.environ, **THREAD_BINDING}
-    os.execve(sys.executable, [sys.executable, "-m", "repnet.bench", *argv], env)
-
-
 def format_table(rows: list[dict]) -> str:
     header = list(rows[0])
     cells = [header] + [[str(row[key]) for key in header] for row in rows]
@@ -302,7 +283,6 @@ def run(settings: Settings, allocator: str = "system default") -> dict:
         "machine": {
             "platform": platform.platform(),
             "allocator": allocator,
-            "omp_binding": {name: os.environ.get(name, "unset") for name in THREAD_BINDING},
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -321,9 +301,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--system-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds"
     )
-    parser.add_argument(
-        "--unbound-threads", action="store_true", help="leave OpenMP threads unbound"
-    )
     args = parser.parse_args(argv)
     allocator = "system default" if args.system_malloc else pin_allocator()
     results = run(QUICK if args.quick else FULL, allocator)
@@ -337,7 +314,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    if "OMP_PROC_BIND" not in os.environ and "--unbound-threads" not in arguments:
-        rerun_with_bound_threads(arguments)
     main()
