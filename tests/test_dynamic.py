@@ -55,10 +55,13 @@ def reference(module: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
     geometry=block_geometry(),
     strategy=st.sampled_from(["grouped", "per_sample"]),
     deployed=st.booleans(),
+    branches=st.sampled_from(["plain", "repvgg"]),
 )
-def test_both_strategies_equal_the_explicit_per_sample_mixture(geometry, strategy, deployed):
+def test_both_strategies_equal_the_explicit_per_sample_mixture(
+    geometry, strategy, deployed, branches
+):
     """Deployed experts carry biases (the folded BN), trained ones do not: both are checked."""
-    module = dynamic(geometry, branches="repvgg", strategy=strategy).eval()
+    module = dynamic(geometry, branches=branches, strategy=strategy).eval()
     if deployed:
         module.switch_to_deploy()
     x = sample(geometry)
