@@ -82,6 +82,16 @@ class KernelOp(nn.Module):
         )
 
 
+def conv_weight(*shape: int) -> Tensor:
+    """A kernel ``[O, C/g, kh, kw]`` (or a stack ``[K, O, C/g, kh, kw]``, each slice alike)
+    initialised like ``nn.Conv2d``'s: Kaiming uniform, ``a = √5``, fan-in ``C/g·kh·kw``."""
+    *stack, out_channels, in_per_group, kh, kw = shape
+    weight = torch.empty(math.prod(stack), out_channels, in_per_group, kh, kw)
+    for kernel in weight:
+        nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+    return weight.reshape(shape)
+
+
 def learnable_conv(
     in_channels: int,
     out_channels: int,
@@ -91,9 +101,8 @@ def learnable_conv(
     dilation: Pair,
     groups: int,
 ) -> KernelOp:
-    """A conv initialised like ``nn.Conv2d`` (Kaiming uniform, ``a = √5``)."""
-    weight = torch.empty(out_channels, in_channels // groups, *kernel_size)
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    """A conv initialised like ``nn.Conv2d``."""
+    weight = conv_weight(out_channels, in_channels // groups, *kernel_size)
     zeros = weight.new_zeros(out_channels)
     return KernelOp(Conv(weight, zeros, stride, padding, dilation, groups), learnable=True)
 

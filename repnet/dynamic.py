@@ -8,7 +8,6 @@ conv: the batch folds into the channel axis, ``[1, B·C, H, W]`` with kernels
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -16,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from repnet.block import PRESETS, BranchSpec, make_geometry, resolve_branches
-from repnet.branches import ChannelScale, Geometry, build_branches, summed_kernel
+from repnet.branches import (
+    ChannelScale,
+    Geometry,
+    build_branches,
+    conv_weight,
+    summed_kernel,
+)
 from repnet.kernels import apply_conv, bn_affine
 
 
@@ -132,9 +137,7 @@ class DynamicConv2d(nn.Module):
             return
         self.norm = nn.BatchNorm2d(out_channels)
         if self.branch_names == PRESETS["plain"]:
-            self.weight = nn.Parameter(torch.empty(shape))
-            for kernel in self.weight.data:  # each expert initialised like an nn.Conv2d
-                nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+            self.weight = nn.Parameter(conv_weight(*shape))
         else:
             self.experts = nn.ModuleList(
                 build_branches(geo, self.branch_names, ChannelScale) for _ in range(num_experts)
