@@ -30,10 +30,17 @@ def mixed_kernels(
 ) -> tuple[Tensor, Tensor | None]:
     """Per-sample kernel and bias: ``W_b = Σ_k a_bk W_k``, ``b_b = Σ_k a_bk b_k``.
 
-    One ``[B, K] @ [K, N]`` product and no transposed copy: its backward products
-    (``aᵀ @ G`` and ``G @ Wᵀ``) are then fast layouts too (``F.linear``'s took 4-6x longer).
+    Training: one ``[B, K] @ [K, N]`` product and no transposed copy, so its backward
+    products (``aᵀ @ G`` and ``G @ Wᵀ``) are fast layouts too (``F.linear``'s took 4-6x
+    longer). Without a weight gradient: ``B`` products ``[1, K] @ [K, N]`` against the
+    experts broadcast (not copied), 1.5-2.5x faster on this project's CPU; in training
+    that form's backward would build a ``[B, K, N]`` weight gradient before summing it.
     """
-    mixed = attention @ weights.flatten(1)
+    flat = weights.flatten(1)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        mixed = attention @ flat
+    else:
+        mixed = torch.bmm(attention.unsqueeze(1), flat.expand(len(attention), -1, -1))
     bias = None if biases is None else attention @ biases
     return mixed.reshape(len(attention), *weights.shape[1:]), bias
 

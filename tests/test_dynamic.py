@@ -56,16 +56,18 @@ def reference(module: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
     strategy=st.sampled_from(["grouped", "per_sample"]),
     deployed=st.booleans(),
     branches=st.sampled_from(["plain", "repvgg"]),
+    autograd=st.booleans(),
 )
 def test_both_strategies_equal_the_explicit_per_sample_mixture(
-    geometry, strategy, deployed, branches
+    geometry, strategy, deployed, branches, autograd
 ):
-    """Deployed experts carry biases (the folded BN), trained ones do not: both are checked."""
+    """Deployed experts carry biases (the folded BN), trained ones do not: both are checked,
+    with autograd and without (the kernels are mixed by a different product)."""
     module = dynamic(geometry, branches=branches, strategy=strategy).eval()
     if deployed:
         module.switch_to_deploy()
     x = sample(geometry)
-    with torch.no_grad():
+    with torch.set_grad_enabled(autograd):
         assert relative_error(reference(module, x), module(x)) <= 1e-10
 
 
