@@ -8,6 +8,7 @@ from helpers import randomize_norms
 
 import repnet
 from repnet import RepBlock
+from repnet.dynamic import DynamicConv2d
 from repnet.models import MODELS, build_model, repvgg_a0
 
 
@@ -45,6 +46,23 @@ def test_the_block_choice_reaches_every_block(block, expected):
     model = build_model("tiny", num_classes=10, in_channels=1, block=block)
     names = {m.branch_names for m in model.modules() if isinstance(m, RepBlock)}
     assert names == {expected}
+
+
+@pytest.mark.parametrize("kind", ["rep", "dynamic"])
+def test_a_branch_list_keeps_identity_only_where_a_block_allows_one(kind):
+    """Like a preset, across a network; a single block asked for one it cannot have refuses."""
+    block = {"branches": ["kxk", "1x1", "identity"], "kind": kind}
+    model = build_model("resnet18", num_classes=10, block=block, stem="small")
+    blocks = [m for m in model.modules() if isinstance(m, (RepBlock, DynamicConv2d))]
+    for module in blocks:
+        geometry = module.geometry
+        can_have_one = geometry.in_channels == geometry.out_channels and geometry.stride == (1, 1)
+        assert ("identity" in module.branch_names) == can_have_one
+    assert {len(m.branch_names) for m in blocks} == {2, 3}
+    with pytest.raises(ValueError, match="identity branch cannot exist"):
+        RepBlock(3, 48, branches=["kxk", "identity"])
+    with pytest.raises(ValueError, match="identity branch cannot exist"):
+        build_model("tiny", num_classes=10, in_channels=1, block=["identity"])
 
 
 def test_small_input_options_are_options_not_forks():
