@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 def main(cfg: DictConfig) -> None:
     from omegaconf.errors import MissingMandatoryValue
 
-    from repnet.checkpoints import DeployError
     from repnet.deployment import deploy
+    from repnet.errors import UsageError
 
     try:
         report = deploy(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    except DeployError as error:
+    except UsageError as error:
         print(f"deploy.py: error: {error}", file=sys.stderr)
         sys.exit(1)
     for name, check in report.checks.items():

@@ -9,12 +9,12 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from repnet.data import DatasetUnavailableError
+    from repnet.errors import UsageError
     from repnet.training import train
 
     try:
         train(cfg, HydraConfig.get().runtime.output_dir)
-    except DatasetUnavailableError as error:
+    except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -22,12 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from repnet.errors import UsageError
+
 # Wrappers that prefix every key: LightningModule attribute, DDP, torch.compile.
 PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-class DeployError(Exception):
-    """Input a user can fix (a path, a format, a mismatch); the message says what, in one line."""
+class DeployError(UsageError):
+    """Input to a conversion that a user can fix; the message says what, in one line."""
 
 
 class CheckpointError(DeployError):

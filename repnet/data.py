@@ -17,6 +17,8 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
+from repnet.errors import UsageError
+
 CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -25,7 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UsageError):
     """The dataset is not on disk and cannot be obtained automatically."""
 
 
@@ -202,11 +204,14 @@ class CIFARDataModule(ImageClassificationDataModule):
             raise self._unavailable(error) from error
 
     def _unavailable(self, error: Exception) -> DatasetUnavailableError:
-        reason = f"{type(error).__name__}: {error}" if self.download else "download disabled"
+        where = self.data_dir / self.dataset_class.base_folder
+        if self.download:
+            why = f"could not be downloaded ({type(error).__name__}: {error})"
+            fix = "put it there or rerun with network access"
+        else:
+            why, fix = "data.download is false", "put it there or set data.download=true"
         return DatasetUnavailableError(
-            f"CIFAR-{self.num_classes} not found in "
-            f"{self.data_dir / self.dataset_class.base_folder} and could not be downloaded "
-            f"({reason}); download it there or set data.download=true with network access"
+            f"CIFAR-{self.num_classes} not found in {where}; {why}: {fix}"
         )
 
 

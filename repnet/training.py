@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
+from repnet.checkpoints import load_checkpoint
+from repnet.errors import UsageError
 from repnet.module import Classifier
 from repnet.reparam import reparameterize
+
+# What a checkpoint's weights and optimizer state are bound to: a resumed run keeps them.
+RESUMED_HPARAMS = ("architecture", "input_size", "optimizer")
 
 
 def architecture(cfg: DictConfig, datamodule) -> dict[str, Any]:
@@ -70,20 +79,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    with config_errors():
+        datamodule = instantiate(cfg.data)
+        module = build_module(cfg, datamodule)
+        callbacks = build_callbacks(cfg, run_dir)
+        logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=logger,
+            enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+            default_root_dir=str(run_dir),
+        )
+    if cfg.ckpt_path is not None:
+        check_resumable(cfg.ckpt_path, module.hparams)
     shape = {key: module.hparams[key] for key in ("architecture", "input_size")}
     resolved = {**OmegaConf.to_container(cfg, resolve=True), **shape}
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    callbacks = build_callbacks(cfg, run_dir)
-    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=logger,
-        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-        default_root_dir=str(run_dir),
-    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     datamodule.setup("validate")
@@ -99,6 +111,51 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         print(summary_line(summary), flush=True)
     return summary
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """What a bad config raises while the run is built, as one :class:`UsageError` line."""
+    try:
+        yield
+    except MissingMandatoryValue as error:
+        raise UsageError(f"{error.full_key} is required ({error.full_key}=...)") from None
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, (UsageError, ValueError)):
+            raise UsageError(str(cause)) from None
+        raise UsageError(str(error).replace("\n", " ")) from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def check_resumable(path: str | Path, hparams: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model or optimizer, naming what differs (else Lightning
+    fails deep inside, or silently keeps the checkpoint's learning rate)."""
+    saved = load_checkpoint(path).hyper_parameters or {}
+    found = [
+        line
+        for key in RESUMED_HPARAMS
+        if key in saved
+        for line in differences(saved[key], hparams[key], key)
+    ]
+    if found:
+        raise UsageError(
+            f"{path} was trained with another config ({'; '.join(found)}): resume with the "
+            "overrides it was trained with (its run's config.yaml lists them)"
+        )
+
+
+def differences(saved: Any, current: Any, name: str) -> list[str]:
+    """``name.key: a in the checkpoint, b here`` for every leaf where two configs differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(saved.keys() | current.keys())
+        return [
+            line
+            for key in keys
+            for line in differences(saved.get(key), current.get(key), f"{name}.{key}")
+        ]
+    return [] if saved == current else [f"{name}: {saved!r} in the checkpoint, {current!r} here"]
 
 
 def best_score(checkpoint: ModelCheckpoint) -> float | None:

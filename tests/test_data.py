@@ -152,7 +152,7 @@ def test_cifar_missing_data_raises_one_clear_error(tmp_path, name, folder):
             step()
         message = str(raised.value)
         assert str(tmp_path / folder) in message
-        assert "download disabled" in message and "data.download=true" in message
+        assert "data.download is false" in message and "set data.download=true" in message
 
 
 def test_cifar_rejects_other_class_counts():

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from repnet.errors import UsageError
 from repnet.module import warmup_cosine
 from repnet.training import train
 
@@ -186,4 +187,46 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "cifar-10-batches-py" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["block.branches=nosuch"], "unknown branch preset 'nosuch'"),
+        (["block.branches=[kxk,nosuch]"], "branches must be distinct names"),
+        (["data=imagefolder"], "data.root is required"),
+        (["data=imagefolder", "data.root=/nonexistent"], "/nonexistent/train not found"),
+        (["ckpt_path=/nonexistent.ckpt"], "no checkpoint at /nonexistent.ckpt"),
+    ],
+)
+def test_a_bad_config_is_one_usage_error_before_anything_is_written(tmp_path, overrides, message):
+    with pytest.raises(UsageError, match=message):
+        train(compose([*QUICK[2:], *overrides]), tmp_path)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_resuming_under_another_model_or_optimizer_names_what_differs(tmp_path):
+    train(compose(["trainer.max_epochs=1", *QUICK[1:]]), tmp_path / "first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    other = compose(["trainer.max_epochs=2", *QUICK[1:], "optim=adamw", f"ckpt_path={last}"])
+    with pytest.raises(UsageError, match=r"optimizer\.name: 'sgd' in the checkpoint, 'adamw' here"):
+        train(other, tmp_path / "second")
+    wider = compose(["trainer.max_epochs=2", *QUICK[1:], "block=plain", f"ckpt_path={last}"])
+    with pytest.raises(
+        UsageError, match=r"architecture\.block\.branches: 'full' in the checkpoint"
+    ):
+        train(wider, tmp_path / "third")
+    last.write_bytes(last.read_bytes()[:1000])
+    same = compose(["trainer.max_epochs=2", *QUICK[1:], f"ckpt_path={last}"])
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        train(same, tmp_path / "fourth")
+
+
+def test_train_py_reports_a_usage_error_in_one_line(tmp_path):
+    result = run_cli("ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train.py: error: no checkpoint at /nonexistent.ckpt"
+    )
     assert "Traceback" not in result.stderr
