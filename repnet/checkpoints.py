@@ -114,10 +114,13 @@ def staged(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    committed = False
+    staging, committed = None, False
     try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+        except OSError as error:
+            raise DeployError(f"cannot write into {out_dir}: {error.strerror or error}") from None
         yield staging
         mode = 0o666 & ~_umask()
         written = {item.name for item in staging.iterdir()}
@@ -128,7 +131,8 @@ def staged(out_dir: str | Path, owned: Iterable[str] = ()) -> Iterator[Path]:
             (out_dir / name).unlink(missing_ok=True)
         committed = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if not committed:
             for folder in created:  # innermost first
                 with contextlib.suppress(OSError):

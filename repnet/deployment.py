@@ -187,7 +187,7 @@ def check_formats(export: str | Sequence[str]) -> list[str]:
     unknown = [f for f in formats if f not in EXPORTERS]
     if unknown:
         raise DeployError(f"unknown export format {unknown}; formats: {', '.join(EXPORTERS)}")
-    return formats
+    return list(dict.fromkeys(formats))  # each once, in the order given
 
 
 def deploy(
@@ -210,6 +210,8 @@ def deploy(
     """
     ckpt_path = Path(ckpt_path)
     formats = check_formats(export)
+    if export_batch is not None and (type(export_batch) is not int or export_batch < 1):
+        raise DeployError(f"export_batch must be a positive integer, got {export_batch!r}")
     checkpoint = load_checkpoint(ckpt_path)
     run_config = find_run_config(ckpt_path, config)
     architecture, input_size = describe(checkpoint, run_config)

@@ -102,6 +102,32 @@ def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("export_batch", [0, -1, "4", 2.0, True])
+def test_export_batch_must_be_a_positive_integer(run_dir, tmp_path, export_batch):
+    with pytest.raises(DeployError, match="export_batch must be a positive integer"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export_batch=export_batch)
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_error_and_leaves_nothing(run_dir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(DeployError, match="cannot write into"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=a_file / "sub" / "deploy")
+    with pytest.raises(DeployError, match="exists and is not a folder"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=a_file)
+    assert [p.name for p in tmp_path.rglob("*")] == ["a_file"]
+
+
+def test_a_format_named_twice_is_exported_once(run_dir, tmp_path):
+    report = deploy(
+        run_dir / "checkpoints" / "last.ckpt",
+        out_dir=tmp_path,
+        export=["pt2", "pt2"],
+        latency_runs=1,
+    )
+    assert [row["form"] for row in report.rows].count("pt2") == 1
+
+
 def run_deploy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "deploy.py"), *args],
