@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from repnet.checkpoints import load_checkpoint
 from repnet.errors import UsageError
@@ -59,16 +60,18 @@ def final_deploy_check(module: Classifier, datamodule) -> dict[str, float]:
     """Convert the final model and compare it with the trained one on the whole validation set."""
     model = module.model.eval()
     deployed = reparameterize(model)
-    gap, agree, correct, total = 0.0, 0, 0, 0
+    gap, scale, agree, correct, total = 0.0, 0.0, 0, 0, 0
     for images, labels in datamodule.val_dataloader():
         logits, deployed_logits = model(images), deployed(images)
         gap = max(gap, (logits - deployed_logits).abs().max().item())
+        scale = max(scale, logits.abs().max().item())
         agree += (logits.argmax(1) == deployed_logits.argmax(1)).sum().item()
         correct += (deployed_logits.argmax(1) == labels).sum().item()
         total += len(labels)
     total = max(total, 1)  # no validation data: nothing to disagree on
     return {
         "max_abs_diff": gap,
+        "max_rel_diff": gap / scale if scale > 0 else gap,  # to the largest logit, as `verify`
         "argmax_agreement": agree / total,
         "deploy_val_acc": correct / total,
     }
@@ -103,6 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "best_val_acc": best_score(checkpoint) if checkpoint is not None else None,
         **final_deploy_check(module, datamodule),
         "run_dir": str(run_dir),
+        "tensorboard": isinstance(logger, TensorBoardLogger),
         "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
         "last_checkpoint": str(last)
         if (last := run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -172,10 +176,15 @@ def best_score(checkpoint: ModelCheckpoint) -> float | None:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    best = summary["best_val_acc"]
-    return (f"best val acc {best:.4f} | " if best is not None else "") + (
-        f"deploy gap {summary['max_abs_diff']:.2e} (deploy val acc "
-        f"{summary['deploy_val_acc']:.4f}, argmax agreement {summary['argmax_agreement']:.2%}) | "
-        f"run {summary['run_dir']} | best {summary['best_checkpoint']} | tensorboard --logdir "
-        f"{summary['run_dir']}"
-    )
+    """``best val acc … | deploy gap … | run … | best … | tensorboard …``, what the run has."""
+    best, best_file = summary["best_val_acc"], summary["best_checkpoint"]
+    parts = [f"best val acc {best:.4f}"] if best is not None else []
+    parts += [
+        f"deploy gap {summary['max_abs_diff']:.2e} abs, {summary['max_rel_diff']:.2e} rel "
+        f"(deploy val acc {summary['deploy_val_acc']:.4f}, "
+        f"argmax agreement {summary['argmax_agreement']:.2%})",
+        f"run {summary['run_dir']}",
+    ]
+    parts += [f"best {best_file}"] if best_file else []
+    parts += [f"tensorboard --logdir {summary['run_dir']}"] if summary["tensorboard"] else []
+    return " | ".join(parts)

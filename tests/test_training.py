@@ -16,7 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from repnet.errors import UsageError
 from repnet.module import warmup_cosine
-from repnet.training import train
+from repnet.training import summary_line, train
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
@@ -230,3 +230,24 @@ def test_train_py_reports_a_usage_error_in_one_line(tmp_path):
         "train.py: error: no checkpoint at /nonexistent.ckpt"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_the_summary_line_names_only_what_the_run_has():
+    summary = {
+        "best_val_acc": None,
+        "max_abs_diff": 128.0,
+        "max_rel_diff": 1e-7,
+        "deploy_val_acc": 0.1,
+        "argmax_agreement": 1.0,
+        "run_dir": "runs/x",
+        "tensorboard": False,
+        "best_checkpoint": None,
+    }
+    line = summary_line(summary)
+    assert line.startswith("deploy gap 1.28e+02 abs, 1.00e-07 rel (deploy val acc 0.1000")
+    assert "best" not in line and "tensorboard" not in line and line.endswith("run runs/x")
+    summary |= {"best_val_acc": 0.5, "best_checkpoint": "b.ckpt", "tensorboard": True}
+    assert summary_line(summary) == (
+        "best val acc 0.5000 | deploy gap 1.28e+02 abs, 1.00e-07 rel (deploy val acc 0.1000, "
+        "argmax agreement 100.00%) | run runs/x | best b.ckpt | tensorboard --logdir runs/x"
+    )
