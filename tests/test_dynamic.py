@@ -66,6 +66,8 @@ def test_both_strategies_equal_the_explicit_per_sample_mixture(
     module = dynamic(geometry, branches=branches, strategy=strategy).eval()
     if deployed:
         module.switch_to_deploy()
+        with torch.no_grad():
+            module.bias.normal_()  # experts with biases of their own, as after fine-tuning
     x = sample(geometry)
     with torch.set_grad_enabled(autograd):
         assert relative_error(reference(module, x), module(x)) <= 1e-10
@@ -128,6 +130,24 @@ def test_deploy_true_builds_the_deployed_form_that_loads_deployed_weights():
     assert torch.allclose(direct(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_is_the_softmax_of_the_mlp_of_channel_means():
+    """``a(x) = softmax(W₂ relu(W₁ GAP(x) + b₁) + b₂) / τ)``, from the parameters themselves."""
+    module = dynamic({"in_channels": 6, "out_channels": 4, "kernel_size": 3, "image": (7, 9)})
+    x = sample({"in_channels": 6, "image": (7, 9)})
+    (w1, b1), (w2, b2) = [(layer.weight, layer.bias) for layer in module.attention[::2]]
+    means = x.sum((2, 3)) / (7 * 9)
+    logits = torch.relu(means @ w1.T + b1) @ w2.T + b2
+    expected = torch.softmax(logits / module.temperature, dim=1)
+    assert relative_error(expected, module.attend(x)) <= 1e-12
+
+
+def test_plain_experts_start_nonzero_and_distinct():
+    weight = DynamicConv2d(4, 6, 3, num_experts=3).weight
+    assert weight.abs().amax((1, 2, 3, 4)).min() > 0  # no expert starts dead
+    assert all(not torch.allclose(weight[i], weight[j]) for i in range(3) for j in range(i))
+    assert "experts=3" in repr(DynamicConv2d(4, 6, 3, num_experts=3))
+
+
 def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
     module = DynamicConv2d(3, 3, num_experts=5)
     x = torch.randn(4, 3, 8, 8)
@@ -143,6 +163,8 @@ def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
 def test_temperature_annealing_is_linear_then_flat():
     schedule = TemperatureAnnealing(start=30.0, end=1.0, epochs=11)
     assert [schedule.temperature(e) for e in (0, 5, 10, 20)] == [30.0, 15.5, 1.0, 1.0]
+    one_epoch = TemperatureAnnealing(start=30.0, end=1.0, epochs=1)
+    assert [one_epoch.temperature(e) for e in (0, 1)] == [30.0, 1.0]
 
 
 @pytest.mark.parametrize(
