@@ -114,7 +114,7 @@ class Classifier(pl.LightningModule):
             return
         if self.val_acc.update_called:
             accuracy = self.val_acc.compute()  # this epoch's, synced across processes
-            self.log("hp/val_acc", accuracy)
+            self.log("hp/val_acc", accuracy, sync_dist=True)  # equal on every rank already
             self._write_hparams(float(accuracy))
         for name, shares in branch_shares(self.model).items():
             self.log(f"branches/{name}", sum(shares) / len(shares), sync_dist=True)

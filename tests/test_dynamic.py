@@ -141,11 +141,12 @@ def test_attention_is_the_softmax_of_the_mlp_of_channel_means():
     assert relative_error(expected, module.attend(x)) <= 1e-12
 
 
-def test_plain_experts_start_nonzero_and_distinct():
+def test_plain_experts_start_live_and_distinct_and_the_attention_is_reduced():
     weight = DynamicConv2d(4, 6, 3, num_experts=3).weight
     assert weight.abs().amax((1, 2, 3, 4)).min() > 0  # no expert starts dead
     assert all(not torch.allclose(weight[i], weight[j]) for i in range(3) for j in range(i))
     assert "experts=3" in repr(DynamicConv2d(4, 6, 3, num_experts=3))
+    assert DynamicConv2d(32, 8).attention[0].out_features == 32 // 4  # reduction 4
 
 
 def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
