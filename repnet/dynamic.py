@@ -163,15 +163,8 @@ class DynamicConv2d(nn.Module):
         return torch.stack([summed_kernel(expert, size).weight for expert in self.experts]), None
 
     def attend(self, x: Tensor) -> Tensor:
-        """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1.
-
-        GAP's ``1/(H·W)`` rides on the first layer's product (``addmm``'s ``alpha``): a sum
-        over ``x`` costs less than a mean, which divides in a second pass.
-        """
-        first, act, last = self.attention
-        area = x.shape[2] * x.shape[3]
-        hidden = torch.addmm(first.bias, x.sum((2, 3)), first.weight.t(), alpha=1 / area)
-        return torch.softmax(last(act(hidden)) / self.temperature, dim=1)
+        """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1."""
+        return torch.softmax(self.attention(x.mean((2, 3))) / self.temperature, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         kernels, bias = mixed_kernels(self.attend(x), *self.expert_kernels())

@@ -141,6 +141,14 @@ def test_attention_is_the_softmax_of_the_mlp_of_channel_means():
     assert relative_error(expected, module.attend(x)) <= 1e-12
 
 
+def test_attention_pools_without_overflow_in_half_precision():
+    """A sum over a 96x96 map of 10s is 92160, past float16's 65504: pooling must average
+    (mixed-precision training on GPUs feeds the block float16 activations)."""
+    module = DynamicConv2d(8, 8, 3).half()
+    x = torch.full((2, 8, 96, 96), 10.0, dtype=torch.float16)
+    assert module.attend(x).isfinite().all()
+
+
 def test_plain_experts_start_live_and_distinct_and_the_attention_is_reduced():
     weight = DynamicConv2d(4, 6, 3, num_experts=3).weight
     assert weight.abs().amax((1, 2, 3, 4)).min() > 0  # no expert starts dead
