@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import block_geometry, randomize_norms, relative_error
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from repnet import PRESETS, RepBlock
+from repnet.block import branch_shares
 from repnet.branches import BRANCHES
 
 
@@ -137,3 +138,79 @@ def test_gradients_reach_every_branch():
     block(torch.randn(2, 4, 6, 6)).sum().backward()
     for name, parameter in block.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+GROUPED_IDENTITY = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "kernel_size": (3, 5),
+    "stride": (1, 1),
+    "padding": (2, 1),
+    "dilation": (2, 1),
+    "groups": 2,
+    "image": (6, 7),
+}
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+@example(
+    geometry=GROUPED_IDENTITY, preset="full"
+)  # rare in block_geometry: groups, in = out, stride 1
+def test_deploy_true_block_loads_the_switched_weights_on_random_geometry(geometry, preset):
+    """The fused conv keeps the block's geometry (groups included): a strict load, same numbers."""
+    trained = build(geometry, preset)
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    direct = RepBlock(**args, branches=preset, act=None, deploy=True).double()
+    x = sample(geometry)
+    with torch.no_grad():
+        expected = trained(x)
+        trained.switch_to_deploy()
+        direct.load_state_dict(trained.state_dict())  # strict: same keys, same shapes
+        assert relative_error(expected, direct(x)) <= 1e-10
+    assert trained.fused.groups == direct.fused.groups == geometry["groups"]
+
+
+@given(
+    geometry=block_geometry(),
+    preset=st.sampled_from(sorted(PRESETS)),
+    eps=st.sampled_from([1e-3, 0.5]),
+)
+def test_batchnorm_eps_is_folded_as_set(geometry, preset, eps):
+    block = build(geometry, preset)
+    for module in block.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = eps
+    assert deploy_error(block, sample(geometry)) <= 1e-10
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+def test_default_padding_keeps_the_size_at_stride_one(geometry, preset):
+    args = {k: v for k, v in geometry.items() if k not in ("image", "padding", "stride")}
+    torch.manual_seed(0)
+    block = RepBlock(**args, branches=preset, act=None).double().eval()
+    x = sample(geometry)
+    assert block(x).shape[-2:] == x.shape[-2:]
+    block.switch_to_deploy()
+    assert block(x).shape[-2:] == x.shape[-2:]
+
+
+def test_switch_to_deploy_twice_keeps_the_same_fused_module():
+    block = RepBlock(4, 4, branches="dbb").eval()
+    block.switch_to_deploy()
+    fused = block.fused
+    block.switch_to_deploy()
+    assert block.fused is fused
+
+
+def test_branch_shares_of_a_block_sum_to_one_and_skip_deployed_blocks():
+    model = torch.nn.Sequential(randomize_norms(RepBlock(4, 4, branches="full")), RepBlock(4, 4))
+    model[1].switch_to_deploy()
+    shares = branch_shares(model)
+    assert set(shares) == set(model[0].branch_names)
+    assert all(len(v) == 1 for v in shares.values())
+    assert abs(sum(v[0] for v in shares.values()) - 1) < 1e-6
+
+
+def test_an_identity_with_an_even_kernel_says_so():
+    with pytest.raises(ValueError, match="even kernel"):
+        RepBlock(4, 4, kernel_size=(3, 2), branches=["kxk", "identity"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from helpers import relative_error
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from repnet import kernels
 from repnet.kernels import Conv
@@ -300,3 +301,61 @@ def test_add_refuses_different_output_channels():
     four = Conv(torch.ones(4, 1, 1, 1), torch.zeros(4))
     with pytest.raises(ValueError, match="equal out_channels"):
         kernels.add(one, four)
+
+
+def test_pad_to_refuses_a_smaller_kernel():
+    conv = Conv(torch.ones(1, 1, 3, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot centre"):
+        kernels.pad_to(conv, (1, 3))
+
+
+@st.composite
+def mixed_parallel_convs(draw):
+    """``parallel_convs`` in any order, some made dense, size-1 axes given any dilation."""
+    mixed = []
+    for conv in draw(parallel_convs()):
+        dilation = tuple(
+            d if k > 1 else draw(st.integers(1, 3)) for d, k in zip(conv.dilation, conv.kernel_size)
+        )
+        conv = replace(conv, dilation=dilation)
+        mixed.append(kernels.dense(conv) if draw(st.booleans()) else conv)
+    return draw(st.permutations(mixed))
+
+
+@given(branches=mixed_parallel_convs(), extra=extras)
+def test_add_and_concat_line_up_any_order_groups_and_size_one_dilation(branches, extra):
+    x = random_input(branches[0], extra)
+    assert_close(sum(conv(x) for conv in branches), kernels.add(*branches)(x))
+    assert_close(torch.cat([conv(x) for conv in branches], 1), kernels.concat(*branches)(x))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"stride": (2, 1)}, "stride"),
+        ({"dilation": (1, 2), "padding": (1, 2)}, "dilation"),
+        ({"weight": torch.ones(1, 2, 3, 3)}, "in_channels"),
+        ({"padding": (1, 2)}, "reach"),
+    ],
+)
+def test_add_and_concat_refuse_each_kind_of_misalignment(change, field):
+    one = Conv(torch.ones(1, 1, 3, 3), torch.zeros(1), padding=(1, 1))
+    other = replace(one, **change)
+    for merge in (kernels.add, kernels.concat):
+        with pytest.raises(ValueError, match=field):
+            merge(one, other)
+
+
+def test_of_conv2d_of_a_bias_free_conv_has_zero_bias():
+    module = nn.Conv2d(2, 4, (3, 1), stride=(1, 2), padding=(1, 0), bias=False).double()
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    assert_close(module(x), kernels.of_conv2d(module)(x))
+
+
+def test_compose_spaces_taps_by_the_gcd_of_d1_and_d2_s1():
+    """A strided 1x1 then a 3x3: 3x3 taps spaced by the stride, not a 5x5 full of zeros."""
+    zeros = torch.zeros(2, dtype=torch.float64)
+    first = Conv(torch.randn(2, 1, 1, 1, dtype=torch.float64), zeros, stride=(2, 3))
+    second = Conv(torch.randn(2, 2, 3, 3, dtype=torch.float64), zeros, dilation=(1, 2))
+    composed = kernels.compose(first, second)
+    assert composed.kernel_size == (3, 3) and composed.dilation == (2, 6)

@@ -100,3 +100,19 @@ def test_quick_bench_runs_and_writes_its_json(tmp_path):
     assert stages == ["plain conv", "offline full", "online full", "offline dbb", "online dbb"]
     assert all(row["deploy/plain"] > 0 for row in results["inference"])
     assert "## training" in result.stdout
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+def test_online_blocks_deploy_to_the_plain_deploy_form(geometry, preset):
+    """Switched, an online block holds only ``fused.*``: a deploy=True block loads it strictly."""
+    block = online_block(geometry, preset)
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    direct = RepBlock(**args, branches=preset, act=None, deploy=True).double()
+    x = sample(geometry)
+    with torch.no_grad():
+        expected = block(x)
+        block.switch_to_deploy()
+        assert set(block.state_dict()) == {"fused.weight", "fused.bias"}
+        direct.load_state_dict(block.state_dict())
+        assert relative_error(expected, direct(x)) <= 1e-10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules())
