@@ -311,5 +311,8 @@ def load_deployed(out_dir: str | Path) -> nn.Module:
         raise DeployError(f"{out_dir} holds no deployed model ({CONFIG_NAME}, {WEIGHTS_NAME})")
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     model = build_model(**config["architecture"], deploy=True)
-    model.load_state_dict(load_checkpoint(weights_path).state_dict)
+    state = load_checkpoint(weights_path).state_dict
+    if mismatch := _mismatch(model, state):
+        raise DeployError(f"{weights_path} does not fit its {CONFIG_NAME}: {'; '.join(mismatch)}")
+    model.load_state_dict(state)
     return model.eval()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,20 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
         if callable(switch):
             switch()
     fuse_conv_bn(model)
-    return model
+    return model.eval()  # the modules that conversion made, too
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; after it, every submodule back in its own
+    mode (a BN frozen in eval mode stays frozen when the rest trains)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @torch.no_grad()
@@ -40,12 +54,8 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, object] = {}
     for block in blocks:
         memo[id(block.branches)] = memo[id(block.norm)] = None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         kernels = [block.kernel() for block in blocks]
-    finally:
-        model.train(was_training)
     duplicate = copy.deepcopy(model, memo).eval()
     for block, kernel in zip(blocks, kernels):
         memo[id(block)].fused = to_conv2d(kernel)
@@ -147,12 +157,8 @@ def verify(
     """
     outputs = []
     for model in (train_model, deploy_model):
-        was_training = isinstance(model, nn.Module) and model.training
-        if was_training:
-            model.eval()
-        outputs.append(model(inputs))
-        if was_training:
-            model.train()
+        with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
+            outputs.append(model(inputs))
     reference, deployed = outputs
     difference = (reference - deployed).abs().max().item()
     scale = reference.abs().max().item()

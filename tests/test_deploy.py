@@ -249,3 +249,125 @@ def test_a_new_deploy_leaves_no_file_of_an_older_one(run_dir, tmp_path):
     assert (tmp_path / "model.pt2").is_file()
     deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
     assert not (tmp_path / "model.pt2").exists()
+
+
+# ---- proposed by the mutation audit ----
+
+
+def test_written_config_and_report_rows_describe_what_was_checked(run_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
+    written = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
+    assert written["deploy"] is True and written["input_size"] == [1, 8, 8]
+    assert written["verification"] == {name: vars(c) for name, c in report.checks.items()}
+    assert set(written["verification"]) == {"random inputs", "real validation data"}
+    assert [row["file"] for row in report.rows] == ["last.ckpt", "model.safetensors"]
+
+
+def test_a_checkpoint_with_nan_weights_fails_and_writes_nothing(run_dir, tmp_path):
+    """A diverged run: NaN outputs give a NaN gap, which no tolerance accepts."""
+    state = trained_model(run_dir).state_dict()
+    key = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(DeployError, match="nothing was written"):
+        deploy(tmp_path / "diverged.pt", config=run_dir / "config.yaml", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monkeypatch):
+    filename, export_pt2 = repnet.export.EXPORTERS["pt2"]
+
+    def off_by_one(model, example, path, dynamic_batch):
+        run = export_pt2(model, example, path, dynamic_batch)
+        return lambda x: run(x) + 1
+
+    monkeypatch.setitem(repnet.export.EXPORTERS, "pt2", (filename, off_by_one))
+    with pytest.raises(DeployError, match="the pt2 export differs"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "out", export=["pt2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pt2_export_is_checked_as_loaded_back_from_its_file(run_dir, tmp_path, monkeypatch):
+    def damaged_save(program, path, *args, **kwargs):
+        Path(path).write_bytes(b"not a pt2 archive")
+
+    monkeypatch.setattr(torch.export, "save", damaged_save)
+    with pytest.raises(DeployError, match="export 'pt2' failed"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "out", export=["pt2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_shape_are_one_deploy_error(run_dir, tmp_path):
+    architecture = load_checkpoint(run_dir / "checkpoints" / "last.ckpt").hyper_parameters[
+        "architecture"
+    ]
+    other = repnet.models.build_model(**{**architecture, "num_classes": 3})
+    torch.save(other.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(DeployError, match="resized: "):
+        deploy(tmp_path / "w.pt", config=run_dir / "config.yaml", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("- a\n- list\n", "is not a config mapping"),
+        ("architecture: {name: tiny}\ninput_size: [1, 8]\n", "malformed"),
+        ("architecture: {name: tiny, block: nope}\ninput_size: [1, 8, 8]\n", "cannot be built"),
+        ("architecture: {name: tiny, widht: 3}\ninput_size: [1, 8, 8]\n", "cannot be built"),
+    ],
+)
+def test_a_bad_run_config_is_one_deploy_error(run_dir, tmp_path, content, message):
+    (tmp_path / "config.yaml").write_text(content)
+    with pytest.raises(DeployError, match=message):
+        deploy(
+            run_dir / "checkpoints" / "last.ckpt",
+            config=tmp_path / "config.yaml",
+            out_dir=tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_config_file_is_named(run_dir, tmp_path):
+    with pytest.raises(DeployError, match="no config file at"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", config=tmp_path / "nope.yaml")
+
+
+def test_load_deployed_refuses_a_folder_without_a_whole_deploy_form(run_dir, tmp_path):
+    with pytest.raises(DeployError, match="holds no deployed model"):
+        repnet.load_deployed(tmp_path)
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
+    state = load_checkpoint(tmp_path / "model.safetensors").state_dict
+    save_file(dict(list(state.items())[1:]), tmp_path / "model.safetensors")  # one tensor short
+    with pytest.raises(DeployError, match=r"does not fit its config\.yaml: missing: "):
+        repnet.load_deployed(tmp_path)
+
+
+def test_a_prefix_is_stripped_only_when_every_key_has_it():
+    from repnet.checkpoints import strip_prefixes
+
+    mixed = {"model.weight": torch.zeros(1), "head.weight": torch.zeros(1)}
+    assert list(strip_prefixes(mixed)) == ["model.weight", "head.weight"]
+    assert list(strip_prefixes({"module._orig_mod.w": torch.zeros(1)})) == ["w"]
+
+
+def test_damaged_or_non_tensor_weight_files_are_checkpoint_errors(run_dir, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(trained_model(run_dir).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(path)
+    torch.save({"w": torch.ones(1), "step": 3}, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match="holds no state_dict"):
+        load_checkpoint(tmp_path / "mixed.pt")
+
+
+def test_written_files_get_the_usual_permissions(run_dir, tmp_path):
+    """safetensors writes 0600; published files must be readable as any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.yaml"], 0o666 & ~umask)

@@ -143,3 +143,87 @@ def test_pairs_that_cannot_fold_are_kept_and_the_rest_fold(conv, bn, folded):
     assert isinstance(deployed[1], nn.Identity) == folded
     x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
     assert repnet.verify(model, deployed, x).max_rel <= 1e-10
+
+
+# ---- proposed by the mutation audit ----
+
+
+class SharedUse(nn.Module):
+    """A conv→BN pair whose conv output, conv module or BN module is used elsewhere too:
+    folding it would change that other use."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.conv, self.other = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if self.case == "conv output reused":
+            y = self.conv(x)
+            return self.bn(y) + y
+        if self.case == "conv called twice":
+            return self.bn(self.conv(x)) + self.conv(x)
+        return self.bn(self.conv(x)) + self.bn(self.other(x))  # "bn called twice"
+
+
+@pytest.mark.parametrize("case", ["conv output reused", "conv called twice", "bn called twice"])
+def test_a_conv_or_bn_used_elsewhere_is_not_folded(case):
+    model = randomize_norms(SharedUse(case)).double().eval()
+    deployed = repnet.reparameterize(model)
+    assert isinstance(deployed.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    assert repnet.verify(model, deployed, x).max_rel <= 1e-10
+
+
+def test_a_conv2d_subclass_with_its_own_forward_is_not_folded():
+    """A QAT conv (a leaf ``nn.Conv2d`` subclass) fake-quantizes its weight: folding the raw
+    weight into the BN would be wrong."""
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    conv = torch.ao.nn.qat.Conv2d(2, 3, 3, padding=1, qconfig=qconfig)
+    model = randomize_norms(nn.Sequential(conv, nn.BatchNorm2d(3)))
+    model(torch.randn(4, 2, 7, 6))  # in train mode: the observers see the weight
+    model.eval()
+    deployed = repnet.reparameterize(model)
+    assert isinstance(deployed[1], nn.BatchNorm2d)
+    assert repnet.verify(model, deployed, torch.randn(2, 2, 7, 6)).max_rel <= 1e-6
+
+
+def test_conversion_leaves_every_module_in_its_mode_and_the_deploy_form_in_eval():
+    """A BN frozen in eval mode inside a training model stays frozen; every module of the
+    deploy form, those that conversion made included, is in eval mode."""
+    model = nn.Sequential(
+        repnet.RepBlock(3, 4, branches="dbb"), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    model.train()
+    model[2].eval()
+    modes = [m.training for m in model.modules()]
+    deployed = repnet.reparameterize(model)
+    assert [m.training for m in model.modules()] == modes
+    assert not any(m.training for m in deployed.modules())
+
+
+def test_verify_is_relative_to_the_reference_and_counts_argmax_agreement():
+    reference = torch.tensor([[4.0, 0.0], [0.0, 2.0]])
+    deployed = torch.tensor([[1.0, 2.0], [0.0, 3.0]])  # row 0's top class moves, row 1's stays
+    result = repnet.verify(lambda x: reference, lambda x: deployed, torch.zeros(2, 1))
+    assert result.max_abs == 3.0
+    assert result.max_rel == 3.0 / 4.0  # max|a - b| / max|a|, a the reference (not 3 / 3)
+    assert result.argmax_agreement == 0.5
+    zeros = repnet.verify(lambda x: torch.zeros(2, 2), lambda x: deployed, torch.zeros(2, 1))
+    assert zeros.max_rel == zeros.max_abs == 3.0  # an all-zero reference: the plain difference
+
+
+def test_verify_runs_modules_in_eval_mode_and_restores_their_mode():
+    model = randomize_norms(
+        nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.Flatten())
+    ).train()
+    before = copy.deepcopy(model.state_dict())
+    evaluated = copy.deepcopy(model).eval()
+    result = repnet.verify(model, evaluated, torch.randn(8, 1, 3, 3))
+    assert result.max_abs == 0.0  # batch statistics or dropout would differ
+    assert model.training and not evaluated.training
+    model[1].eval()  # a frozen BN stays frozen
+    repnet.verify(model, evaluated, torch.randn(8, 1, 3, 3))
+    assert model[0].training and not model[1].training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
