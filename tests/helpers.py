@@ -36,6 +36,20 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     return difference / scale if scale > 0 else difference
 
 
+@torch.no_grad()
+def deploy_twin_error(block: nn.Module, geometry: dict, branches, x: torch.Tensor) -> float:
+    """Switch ``block`` to deploy, load its weights strictly (same keys, same shapes) into a
+    ``deploy=True`` block of the same geometry, and return its error against ``block`` before."""
+    from repnet import RepBlock
+
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    twin = RepBlock(**args, branches=branches, act=None, deploy=True).double()
+    expected = block(x)
+    block.switch_to_deploy()
+    twin.load_state_dict(block.state_dict())
+    return relative_error(expected, twin(x))
+
+
 @st.composite
 def block_geometry(draw, odd_kernels: bool = True):
     """Random geometry for a block: channels, groups, kernel, stride, padding, dilation, image."""

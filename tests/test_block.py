@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import block_geometry, randomize_norms, relative_error
+from helpers import block_geometry, deploy_twin_error, randomize_norms, relative_error
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -153,21 +153,13 @@ GROUPED_IDENTITY = {
 
 
 @given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
-@example(
-    geometry=GROUPED_IDENTITY, preset="full"
-)  # rare in block_geometry: groups, in = out, stride 1
+# Rare in block_geometry: groups with in = out and stride 1 (a grouped identity).
+@example(geometry=GROUPED_IDENTITY, preset="full")
 def test_deploy_true_block_loads_the_switched_weights_on_random_geometry(geometry, preset):
     """The fused conv keeps the block's geometry (groups included): a strict load, same numbers."""
     trained = build(geometry, preset)
-    args = {k: v for k, v in geometry.items() if k != "image"}
-    direct = RepBlock(**args, branches=preset, act=None, deploy=True).double()
-    x = sample(geometry)
-    with torch.no_grad():
-        expected = trained(x)
-        trained.switch_to_deploy()
-        direct.load_state_dict(trained.state_dict())  # strict: same keys, same shapes
-        assert relative_error(expected, direct(x)) <= 1e-10
-    assert trained.fused.groups == direct.fused.groups == geometry["groups"]
+    assert deploy_twin_error(trained, geometry, preset, sample(geometry)) <= 1e-10
+    assert trained.fused.groups == geometry["groups"]
 
 
 @given(

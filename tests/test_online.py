@@ -7,7 +7,15 @@ import subprocess
 import sys
 
 import torch
-from helpers import QUICK, ROOT, block_geometry, compose, randomize_norms, relative_error
+from helpers import (
+    QUICK,
+    ROOT,
+    block_geometry,
+    compose,
+    deploy_twin_error,
+    randomize_norms,
+    relative_error,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -106,13 +114,6 @@ def test_quick_bench_runs_and_writes_its_json(tmp_path):
 def test_online_blocks_deploy_to_the_plain_deploy_form(geometry, preset):
     """Switched, an online block holds only ``fused.*``: a deploy=True block loads it strictly."""
     block = online_block(geometry, preset)
-    args = {k: v for k, v in geometry.items() if k != "image"}
-    direct = RepBlock(**args, branches=preset, act=None, deploy=True).double()
-    x = sample(geometry)
-    with torch.no_grad():
-        expected = block(x)
-        block.switch_to_deploy()
-        assert set(block.state_dict()) == {"fused.weight", "fused.bias"}
-        direct.load_state_dict(block.state_dict())
-        assert relative_error(expected, direct(x)) <= 1e-10
+    assert deploy_twin_error(block, geometry, preset, sample(geometry)) <= 1e-10
+    assert set(block.state_dict()) == {"fused.weight", "fused.bias"}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules())
