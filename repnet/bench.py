@@ -211,19 +211,10 @@ def dynamic_rows(settings: Settings, batch: int = 32) -> list[dict]:
     for channels, size in settings.dynamic:
         x = torch.randn(batch, channels, size, size)
         for mode in ("inference", "training"):
-            torch.manual_seed(0)
-            dynamic = DynamicConv2d(channels, channels, 3, act=None)
-            static = nn.Sequential(
-                nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
-            )
-            if mode == "inference":  # deployed: BNs folded into the convs on both sides
-                dynamic.eval().switch_to_deploy()
-                static = reparameterize(static)
             fns = {
-                strategy: partial(_run, _using(dynamic, strategy), x, mode)
-                for strategy in ("grouped", "per_sample")
+                name: partial(_run, _dynamic_or_static(name, channels, mode), x, mode)
+                for name in ("grouped", "per_sample", "static")
             }
-            fns["static"] = partial(_run, static, x, mode)
             with torch.inference_mode(mode == "inference"):
                 times = interleaved(fns, settings.repeats)
             rows.append(
@@ -239,12 +230,17 @@ def dynamic_rows(settings: Settings, batch: int = 32) -> list[dict]:
     return rows
 
 
-def _using(dynamic: DynamicConv2d, strategy: str) -> Callable[[Tensor], Tensor]:
-    def run(x: Tensor) -> Tensor:
-        dynamic.strategy = strategy
-        return dynamic(x)
-
-    return run
+def _dynamic_or_static(name: str, channels: int, mode: str) -> nn.Module:
+    """A dynamic conv of strategy ``name`` (the same weights for both) or the static conv,
+    deployed for inference (BNs folded into the convs on both sides)."""
+    torch.manual_seed(0)
+    if name == "static":
+        model = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        return reparameterize(model) if mode == "inference" else model
+    model = DynamicConv2d(channels, channels, 3, act=None, strategy=name)
+    if mode == "inference":
+        model.eval().switch_to_deploy()
+    return model
 
 
 def _run(model: Callable[[Tensor], Tensor], x: Tensor, mode: str) -> None:

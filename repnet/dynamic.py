@@ -28,7 +28,8 @@ from repnet.kernels import apply_conv, bn_affine
 def mixed_kernels(
     attention: Tensor, weights: Tensor, biases: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-sample kernel and bias: ``W_b = Σ_k a_bk W_k``, ``b_b = Σ_k a_bk b_k``.
+    """Per-sample kernels ``W_b = Σ_k a_bk W_k`` and biases ``b_b = Σ_k a_bk b_k``, the batch
+    folded into the output channels: ``[B·O, C/g, kh, kw]`` and ``[B·O]`` (views, no copies).
 
     Training: one ``[B, K] @ [K, N]`` product and no transposed copy, so its backward
     products (``aᵀ @ G`` and ``G @ Wᵀ``) are fast layouts too (``F.linear``'s took 4-6x
@@ -41,43 +42,37 @@ def mixed_kernels(
         mixed = attention @ flat
     else:
         mixed = torch.bmm(attention.unsqueeze(1), flat.expand(len(attention), -1, -1))
-    bias = None if biases is None else attention @ biases
-    return mixed.reshape(len(attention), *weights.shape[1:]), bias
+    bias = None if biases is None else (attention @ biases).view(-1)
+    return mixed.view(-1, *weights.shape[2:]), bias
 
 
 def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor | None, geo: Geometry) -> Tensor:
     """All samples in one conv: batch folded into channels, ``groups = B·g``.
 
-    Every reshape here is a view (NCHW): no copies. Channels-last measured slower on CPU,
+    Every reshape here is a view (NCHW input): no copies. Channels-last measured slower on CPU,
     the copies it needs costing more than the faster conv saves.
     """
-    batch = x.shape[0]
+    batch, _, height, width = x.shape
     y = apply_conv(
-        x.reshape(1, -1, *x.shape[2:]),
-        kernels.reshape(-1, *kernels.shape[2:]),
-        None if bias is None else bias.reshape(-1),
+        x.reshape(1, -1, height, width),
+        kernels,
+        bias,
         geo.stride,
         geo.padding,
         geo.dilation,
         batch * geo.groups,
     )
-    return y.reshape(batch, -1, *y.shape[2:])
+    return y.view(batch, -1, *y.shape[2:])
 
 
 def conv_per_sample(x: Tensor, kernels: Tensor, bias: Tensor | None, geo: Geometry) -> Tensor:
     """One conv per sample (large maps: each conv is big enough to run efficiently)."""
+    batch = len(x)
+    biases = [None] * batch if bias is None else bias.chunk(batch)
     return torch.cat(
         [
-            apply_conv(
-                x[i : i + 1],
-                kernels[i],
-                None if bias is None else bias[i],
-                geo.stride,
-                geo.padding,
-                geo.dilation,
-                geo.groups,
-            )
-            for i in range(x.shape[0])
+            apply_conv(x[i : i + 1], w, b, geo.stride, geo.padding, geo.dilation, geo.groups)
+            for i, (w, b) in enumerate(zip(kernels.chunk(batch), biases))
         ]
     )
 
@@ -132,9 +127,8 @@ class DynamicConv2d(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.branch_names = resolve_branches(branches, geo)
         hidden = max(4, in_channels // reduction)
-        self.attention = nn.Sequential(
-            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_experts)
-        )
+        self.attention_in = nn.Linear(in_channels, hidden)
+        self.attention_out = nn.Linear(hidden, num_experts)
         self.act = act() if act is not None else nn.Identity()
         shape = (num_experts, out_channels, in_channels // groups, *geo.kernel_size)
         self.weight = self.bias = self.experts = self.norm = None
@@ -164,7 +158,8 @@ class DynamicConv2d(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1."""
-        return torch.softmax(self.attention(x.mean((2, 3))) / self.temperature, dim=1)
+        hidden = torch.relu(self.attention_in(x.mean((2, 3))))
+        return torch.softmax(self.attention_out(hidden) / self.temperature, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         kernels, bias = mixed_kernels(self.attend(x), *self.expert_kernels())
@@ -192,7 +187,7 @@ class DynamicConv2d(nn.Module):
         return (
             f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
             f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
-            f"groups={geo.groups}, experts={len(self.attention[-1].weight)}, "
+            f"groups={geo.groups}, experts={self.attention_out.out_features}, "
             f"branches={list(self.branch_names)}, temperature={self.temperature.item():g}, "
             f"strategy={self.strategy}, deployed={self.deployed}"
         )
