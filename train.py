@@ -1,6 +1,7 @@
 """Train a re-parameterizable model: ``python train.py block=dbb data=cifar10 ...``."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -10,11 +11,14 @@ from omegaconf import DictConfig
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from repnet.errors import UsageError
-    from repnet.training import train
+    from repnet.training import forget_unstarted_run, train
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        train(cfg, HydraConfig.get().runtime.output_dir)
+        train(cfg, run_dir)
     except UsageError as error:
+        forget_unstarted_run(run_dir, f"{hydra_cfg.job.name}.log")
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(1)
 

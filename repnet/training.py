@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         print(summary_line(summary), flush=True)
     return summary
+
+
+def forget_unstarted_run(run_dir: Path, log_name: str) -> None:
+    """A run refused before it started (no ``config.yaml`` yet) leaves no directory behind:
+    Hydra's records of it (``.hydra/`` and the job log) go, then the directory if empty."""
+    if (run_dir / "config.yaml").exists():
+        return
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / log_name).unlink(missing_ok=True)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 @contextlib.contextmanager

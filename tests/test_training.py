@@ -16,7 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from repnet.errors import UsageError
 from repnet.module import warmup_cosine
-from repnet.training import summary_line, train
+from repnet.training import forget_unstarted_run, summary_line, train
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
@@ -223,13 +223,27 @@ def test_resuming_under_another_model_or_optimizer_names_what_differs(tmp_path):
         train(same, tmp_path / "fourth")
 
 
-def test_train_py_reports_a_usage_error_in_one_line(tmp_path):
-    result = run_cli("ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={tmp_path}")
+def test_train_py_reports_a_usage_error_in_one_line_and_leaves_no_run_directory(tmp_path):
+    result = run_cli("ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "train.py: error: no checkpoint at /nonexistent.ckpt"
     )
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # Hydra had made it, with .hydra/ and train.log
+
+
+def test_a_refused_run_keeps_a_directory_that_holds_anything_else(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "train.log").write_text("GPU available: False\n")
+    (run / "notes.txt").write_text("mine")
+    forget_unstarted_run(run, "train.log")
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    (run / "config.yaml").write_text("{}")  # a started run keeps its records
+    (run / ".hydra").mkdir()
+    forget_unstarted_run(run, "train.log")
+    assert (run / ".hydra").is_dir()
 
 
 def test_the_summary_line_names_only_what_the_run_has():
