@@ -52,10 +52,13 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
         instantiate(cfg.logger, save_dir=str(tmp_path))
 
 
-def test_the_slurm_launcher_config_composes():
+def test_the_slurm_launcher_config_composes_and_takes_its_node_count_from_the_trainer():
     cfg = compose(["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.timeout_min == 1440
+    assert cfg.hydra.launcher.nodes == 1  # the default trainer has no num_nodes
+    ddp = compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=3"], True)
+    assert ddp.hydra.launcher.nodes == 3
 
 
 @pytest.mark.parametrize("preset", sorted(GROUPS["block"]))
