@@ -78,6 +78,8 @@ class Classifier(pl.LightningModule):
         self.deploy_gap = MaxMetric()
         self.deploy_copy: list[nn.Module] = []  # a list, so the copy is no submodule (never saved)
         self.hparams_written = False
+        # One image: Lightning's model summary then shows each layer's sizes and FLOPs per image.
+        self.example_input_array = torch.zeros(1, *input_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -11,12 +11,14 @@ import torch
 from helpers import QUICK, ROOT, RecordStart, compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.errors import UsageError
 from repnet.module import warmup_cosine
-from repnet.training import forget_unstarted_run, summary_line, train
+from repnet.training import build_module, forget_unstarted_run, summary_line, train
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
@@ -67,6 +69,18 @@ def test_every_preset_trains_for_a_few_batches(preset, tmp_path):
     assert summary["max_abs_diff"] < 1e-3
     assert summary["argmax_agreement"] == 1.0
     assert Path(summary["last_checkpoint"]).is_file()
+
+
+def test_the_model_summary_counts_flops_per_image_and_leaves_training_mode_on():
+    cfg = compose()
+    module = build_module(cfg, instantiate(cfg.data))
+    assert module.example_input_array.shape == (1, 1, 8, 8)
+    summary = ModelSummary(module, max_depth=1)  # runs the example through the model
+    assert all(m.training for m in module.modules())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module.model.eval()(module.example_input_array)
+    assert summary.total_flops == counter.get_total_flops() > 0
 
 
 @pytest.fixture(scope="module")
