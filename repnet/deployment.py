@@ -190,6 +190,15 @@ def check_formats(export: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))  # each once, in the order given
 
 
+def require(name: str, value: Any, kind: type[int] | type[float], minimum: float) -> None:
+    """A :class:`DeployError` unless ``value`` is a ``kind`` (an int counts as a float, a bool
+    as neither) of at least ``minimum``: checked before any work, not where it is used."""
+    kinds = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        what = "an integer" if kind is int else "a number"
+        raise DeployError(f"{name} must be {what} >= {minimum}, got {value!r}")
+
+
 def deploy(
     ckpt_path: str | Path,
     config: str | Path | None = None,
@@ -210,8 +219,13 @@ def deploy(
     """
     ckpt_path = Path(ckpt_path)
     formats = check_formats(export)
-    if export_batch is not None and (type(export_batch) is not int or export_batch < 1):
-        raise DeployError(f"export_batch must be a positive integer, got {export_batch!r}")
+    if export_batch is not None:
+        require("export_batch", export_batch, int, 1)
+    require("max_rel", max_rel, float, 0)
+    require("random_inputs", random_inputs, int, 1)
+    require("real_batches", real_batches, int, 0)
+    require("latency_runs", latency_runs, int, 1)
+    require("seed", seed, int, 0)
     checkpoint = load_checkpoint(ckpt_path)
     run_config = find_run_config(ckpt_path, config)
     architecture, input_size = describe(checkpoint, run_config)

@@ -102,10 +102,22 @@ def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("export_batch", [0, -1, "4", 2.0, True])
-def test_export_batch_must_be_a_positive_integer(run_dir, tmp_path, export_batch):
-    with pytest.raises(DeployError, match="export_batch must be a positive integer"):
-        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export_batch=export_batch)
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        *[("export_batch", v, "an integer >= 1") for v in (0, -1, "4", 2.0, True)],
+        *[("max_rel", v, "a number >= 0") for v in ("abc", -1e-4, None, True)],
+        ("random_inputs", 0, "an integer >= 1"),
+        ("real_batches", -1, "an integer >= 0"),
+        ("latency_runs", 2.5, "an integer >= 1"),
+        ("seed", "0", "an integer >= 0"),
+    ],
+)
+def test_bad_option_values_are_refused_before_any_work(run_dir, tmp_path, option, value, message):
+    out = tmp_path / "out"
+    with pytest.raises(DeployError, match=f"{option} must be {message}, got {value!r}"):
+        deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, **{option: value})
+    assert not out.exists()
 
 
 def test_an_out_dir_that_cannot_be_made_is_one_error_and_leaves_nothing(run_dir, tmp_path):
@@ -209,14 +221,19 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_cli_unknown_export_format_is_refused_before_any_work(run_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export=[onnx,tflite]", "unknown export format ['tflite']"),
+        ("max_rel=abc", "max_rel must be a number >= 0, got 'abc'"),
+    ],
+)
+def test_cli_a_bad_option_is_refused_before_any_work(run_dir, tmp_path, override, message):
     out = tmp_path / "out"
     result = run_deploy(
-        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        "export=[onnx,tflite]",
-        f"out_dir={out}",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", override, f"out_dir={out}"
     )
-    assert_one_clear_error(result, "unknown export format ['tflite']", out)
+    assert_one_clear_error(result, message, out)
 
 
 def test_a_config_cannot_make_deploy_run_code(run_dir, tmp_path):
