@@ -40,6 +40,39 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_optimizer(groups: list[dict[str, Any]], options: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov as ``options`` say) or AdamW over parameter ``groups``; the
+    options are those :func:`checked_optimizer_options` passed."""
+    common = {"lr": options["lr"], "weight_decay": options["weight_decay"]}
+    if options["name"] == "sgd":
+        return torch.optim.SGD(
+            groups, momentum=options["momentum"], nesterov=options["nesterov"], **common
+        )
+    return torch.optim.AdamW(groups, betas=tuple(options["betas"]), **common)
+
+
+def checked_optimizer_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if they are numbers where numbers go, the schedule is known and torch's
+    optimizer takes them: a bad value (``optim.lr=-1``) is a ``ValueError`` naming it when
+    the module is built, not a traceback from inside ``fit``."""
+    for key in ("lr", "momentum", "weight_decay", "warmup_epochs"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"optim.{key} must be a number, got {value!r}")
+    if options["warmup_epochs"] < 0:
+        raise ValueError(f"optim.warmup_epochs must be >= 0, got {options['warmup_epochs']!r}")
+    if not isinstance(options["nesterov"], bool):
+        raise ValueError(f"optim.nesterov must be true or false, got {options['nesterov']!r}")
+    for key, known in (("name", ("sgd", "adamw")), ("schedule", ("cosine", "constant"))):
+        if options[key] not in known:
+            raise ValueError(f"optim.{key} must be one of {list(known)}, got {options[key]!r}")
+    try:
+        make_optimizer([nn.Parameter(torch.zeros(1))], options)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"optim: {error}") from None
+    return options
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a/b": 1}``, lists as strings: the shape TensorBoard hparams take."""
     flat = {}
@@ -70,7 +103,9 @@ class Classifier(pl.LightningModule):
         self.save_hyperparameters()
         self.model = build_model(**architecture)
         num_classes = architecture["num_classes"]
-        self.optimizer_options = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
+        self.optimizer_options = checked_optimizer_options(
+            {**DEFAULT_OPTIMIZER, **(optimizer or {})}
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -137,24 +172,15 @@ class Classifier(pl.LightningModule):
         options = self.optimizer_options
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]  # BN, scales, biases
-        groups = [
-            {"params": decay, "weight_decay": options["weight_decay"], "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        ]
-        if options["name"] == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=options["lr"], momentum=options["momentum"], nesterov=options["nesterov"]
-            )
-        elif options["name"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=options["lr"], betas=tuple(options["betas"]))
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {options['name']!r}")
+        optimizer = make_optimizer(
+            [
+                {"params": decay, "weight_decay": options["weight_decay"], "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+            ],
+            options,
+        )
         if options["schedule"] == "constant":
             return optimizer
-        if options["schedule"] != "cosine":
-            raise ValueError(
-                f"schedule must be 'cosine' or 'constant', got {options['schedule']!r}"
-            )
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = round(options["warmup_epochs"] * total / epochs)

@@ -215,6 +215,14 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
         (["data=imagefolder"], "data.root is required"),
         (["data=imagefolder", "data.root=/nonexistent"], "/nonexistent/train not found"),
         (["ckpt_path=/nonexistent.ckpt"], "no checkpoint at /nonexistent.ckpt"),
+        (["optim.lr=-1"], "optim: Invalid learning rate: -1"),
+        (["optim.weight_decay=-1"], "optim: Invalid weight_decay value: -1"),
+        (["optim=adamw", "optim.betas=[2,0.9]"], "optim: Invalid beta parameter at index 0"),
+        (["optim.momentum=abc"], "optim.momentum must be a number, got 'abc'"),
+        (["optim.nesterov=maybe"], "optim.nesterov must be true or false"),
+        (["optim.name=adam"], "optim.name must be one of"),
+        (["optim.schedule=step"], "optim.schedule must be one of"),
+        (["optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
     ],
 )
 def test_a_bad_config_is_one_usage_error_before_anything_is_written(tmp_path, overrides, message):
