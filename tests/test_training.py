@@ -94,7 +94,7 @@ def default_run(tmp_path_factory):
 def test_the_default_run_learns_and_deploys_exactly(default_run):
     run_dir, summary = default_run
     assert summary["best_val_acc"] > 0.8  # chance is 0.1
-    assert summary["deploy_val_acc"] > 0.8
+    assert summary["deploy_val_acc"] == summary["final_val_acc"] > 0.8  # the same predictions
     assert summary["max_abs_diff"] < 1e-4 and summary["argmax_agreement"] == 1.0
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.block.branches == "full" and saved.model.name == "tiny"
@@ -205,6 +205,7 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "cifar-10-batches-py" in errors[0]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # no config.yaml was written: the run never started
 
 
 @pytest.mark.parametrize(
@@ -276,6 +277,7 @@ def test_the_summary_line_names_only_what_the_run_has():
         "best_val_acc": None,
         "max_abs_diff": 128.0,
         "max_rel_diff": 1e-7,
+        "final_val_acc": 0.2,
         "deploy_val_acc": 0.1,
         "argmax_agreement": 1.0,
         "run_dir": "runs/x",
@@ -283,10 +285,11 @@ def test_the_summary_line_names_only_what_the_run_has():
         "best_checkpoint": None,
     }
     line = summary_line(summary)
-    assert line.startswith("deploy gap 1.28e+02 abs, 1.00e-07 rel (deploy val acc 0.1000")
+    assert line.startswith("final model val acc 0.2000, deployed 0.1000 (gap 1.28e+02 abs")
     assert "best" not in line and "tensorboard" not in line and line.endswith("run runs/x")
     summary |= {"best_val_acc": 0.5, "best_checkpoint": "b.ckpt", "tensorboard": True}
     assert summary_line(summary) == (
-        "best val acc 0.5000 | deploy gap 1.28e+02 abs, 1.00e-07 rel (deploy val acc 0.1000, "
-        "argmax agreement 100.00%) | run runs/x | best b.ckpt | tensorboard --logdir runs/x"
+        "best val acc 0.5000 | final model val acc 0.2000, deployed 0.1000 (gap 1.28e+02 abs, "
+        "1.00e-07 rel, argmax agreement 100.00%) | run runs/x | best b.ckpt | "
+        "tensorboard --logdir runs/x"
     )
