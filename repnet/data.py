@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -51,10 +52,17 @@ class TensorImageDataset(Dataset):
         return image, self.labels[index]
 
 
+def usable_cpus(limit: int) -> int:
+    """The CPUs this process may run on (its affinity where the OS has one), at most ``limit``."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(limit, available or 1)
+
+
 class ImageClassificationDataModule(pl.LightningDataModule):
     """Base class: image shape and class count known at construction, loaders after setup.
 
-    The validation split doubles as the test split. `seed` makes train shuffling reproducible.
+    The validation split doubles as the test split. `seed` makes train shuffling reproducible;
+    `num_workers=None` takes one loader worker per CPU this process may use, up to 8.
     """
 
     def __init__(
@@ -63,7 +71,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         in_channels: int,
         image_size: int,
         batch_size: int,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -71,7 +79,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.in_channels = in_channels
         self.image_size = image_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = usable_cpus(limit=8) if num_workers is None else num_workers
         self.seed = seed
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -155,7 +163,7 @@ class CIFARDataModule(ImageClassificationDataModule):
         data_dir: str | Path = "data",
         num_classes: int = 10,
         batch_size: int = 128,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         download: bool = True,
     ) -> None:
@@ -234,7 +242,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         root: str | Path,
         image_size: int = 224,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
     ) -> None:
         root = Path(root)

@@ -1,7 +1,12 @@
 """Tests for the image classification datamodules."""
 
+import os
+import warnings
+
 import pytest
 import torch
+from helpers import compose
+from hydra.utils import instantiate
 from PIL import Image
 
 from repnet.data import (
@@ -130,6 +135,19 @@ def test_imagefolder_loads_generated_pngs(image_tree):
     assert val_images.shape == (4, 3, 12, 12)
     assert torch.equal(val_images, torch.cat([b[0] for b in datamodule.val_dataloader()]))
     assert datamodule.val_dataset.targets == [0, 0, 1, 1]
+
+
+def test_default_loader_workers_fit_the_machine(image_tree, tmp_path):
+    """The configs' ``num_workers: null`` asks for one worker per usable CPU, up to 8: never
+    more than PyTorch warns about (``data=imagefolder`` asked for 8 on this 2-core machine)."""
+    usable = min(8, len(os.sched_getaffinity(0)))
+    folder = instantiate(compose(["data=imagefolder", f"data.root={image_tree}"]).data)
+    cifar = instantiate(compose(["data=cifar10", f"paths.data_dir={tmp_path}"]).data)
+    assert folder.num_workers == cifar.num_workers == usable
+    folder.setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder.train_dataloader()
 
 
 def test_imagefolder_errors_name_missing_directory(image_tree):
