@@ -127,8 +127,9 @@ class DynamicConv2d(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.branch_names = resolve_branches(branches, geo)
         hidden = max(4, in_channels // reduction)
-        self.attention_in = nn.Linear(in_channels, hidden)
-        self.attention_out = nn.Linear(hidden, num_experts)
+        self.attention = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_experts)
+        )
         self.act = act() if act is not None else nn.Identity()
         shape = (num_experts, out_channels, in_channels // groups, *geo.kernel_size)
         self.weight = self.bias = self.experts = self.norm = None
@@ -158,8 +159,7 @@ class DynamicConv2d(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """Expert weights per sample, ``softmax(MLP(GAP(x)) / τ)``: ``[B, K]``, rows sum to 1."""
-        hidden = torch.relu(self.attention_in(x.mean((2, 3))))
-        return torch.softmax(self.attention_out(hidden) / self.temperature, dim=1)
+        return torch.softmax(self.attention(x.mean((2, 3))) / self.temperature, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         kernels, bias = mixed_kernels(self.attend(x), *self.expert_kernels())
@@ -187,7 +187,7 @@ class DynamicConv2d(nn.Module):
         return (
             f"{geo.in_channels}, {geo.out_channels}, kernel_size={geo.kernel_size}, "
             f"stride={geo.stride}, padding={geo.padding}, dilation={geo.dilation}, "
-            f"groups={geo.groups}, experts={self.attention_out.out_features}, "
+            f"groups={geo.groups}, experts={self.attention[-1].out_features}, "
             f"branches={list(self.branch_names)}, temperature={self.temperature.item():g}, "
             f"strategy={self.strategy}, deployed={self.deployed}"
         )

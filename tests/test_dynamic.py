@@ -26,7 +26,7 @@ def dynamic(geometry: dict, branches="plain", seed: int = 0, **options) -> Dynam
         for sub in module.modules():
             if isinstance(sub, ChannelScale):
                 sub.weight.uniform_(-1.5, 1.5)
-        for parameter in [*module.attention_in.parameters(), *module.attention_out.parameters()]:
+        for parameter in module.attention.parameters():
             parameter.mul_(3.0)  # attention far from uniform, so mixing errors would show
     return module
 
@@ -134,8 +134,7 @@ def test_attention_is_the_softmax_of_the_mlp_of_channel_means():
     """``a(x) = softmax(W₂ relu(W₁ GAP(x) + b₁) + b₂) / τ)``, from the parameters themselves."""
     module = dynamic({"in_channels": 6, "out_channels": 4, "kernel_size": 3, "image": (7, 9)})
     x = sample({"in_channels": 6, "image": (7, 9)})
-    layers = module.attention_in, module.attention_out
-    (w1, b1), (w2, b2) = [(layer.weight, layer.bias) for layer in layers]
+    (w1, b1), (w2, b2) = [(layer.weight, layer.bias) for layer in module.attention[::2]]
     means = x.sum((2, 3)) / (7 * 9)
     logits = torch.relu(means @ w1.T + b1) @ w2.T + b2
     expected = torch.softmax(logits / module.temperature, dim=1)
@@ -155,7 +154,23 @@ def test_plain_experts_start_live_and_distinct_and_the_attention_is_reduced():
     assert weight.abs().amax((1, 2, 3, 4)).min() > 0  # no expert starts dead
     assert all(not torch.allclose(weight[i], weight[j]) for i in range(3) for j in range(i))
     assert "experts=3" in repr(DynamicConv2d(4, 6, 3, num_experts=3))
-    assert DynamicConv2d(32, 8).attention_in.out_features == 32 // 4  # reduction 4
+    assert DynamicConv2d(32, 8).attention[0].out_features == 32 // 4  # reduction 4
+
+
+def test_state_dict_keys_are_those_earlier_checkpoints_hold():
+    """Renaming a parameter breaks every saved checkpoint and deployed folder: keys are pinned."""
+    module = DynamicConv2d(4, 4, 3, num_experts=2)
+    attention = ["attention.0.weight", "attention.0.bias", "attention.2.weight", "attention.2.bias"]
+    norm = ["norm.weight", "norm.bias", "norm.running_mean", "norm.running_var"]
+    assert set(module.state_dict()) == {
+        "temperature",
+        "weight",
+        *attention,
+        *norm,
+        "norm.num_batches_tracked",
+    }
+    module.switch_to_deploy()
+    assert set(module.state_dict()) == {"temperature", "weight", "bias", *attention}
 
 
 def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
