@@ -131,15 +131,32 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def forget_unstarted_run(run_dir: Path, log_name: str) -> None:
-    """A run refused before it started (no ``config.yaml`` yet) leaves no directory behind:
-    Hydra's records of it (``.hydra/`` and the job log) go, then the directory if empty."""
-    if (run_dir / "config.yaml").exists():
-        return
-    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    (run_dir / log_name).unlink(missing_ok=True)
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+class RunRecords:
+    """What Hydra made for this run before ``train`` was called: the run directory's
+    ``output_subdir`` (``.hydra/``) and the job log. A run refused before it started takes
+    them back, but only from a directory that held nothing else when the run began (one
+    Hydra just made, not a user's folder or an earlier run's)."""
+
+    def __init__(self, run_dir: Path, output_subdir: str | None, log_name: str):
+        self.run_dir = run_dir
+        self.paths = [run_dir / name for name in (output_subdir, log_name) if name]
+        self.fresh = all(
+            path in self.paths and (path.is_dir() or path.stat().st_size == 0)
+            for path in run_dir.iterdir()
+        )
+
+    def forget(self) -> None:
+        """Remove the records, then the directory if that empties it; nothing once the run
+        has started (its ``config.yaml`` is written) or in a directory that was not fresh."""
+        if not self.fresh or (self.run_dir / "config.yaml").exists():
+            return
+        for path in self.paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.errors import UsageError
 from repnet.module import warmup_cosine
-from repnet.training import build_module, forget_unstarted_run, summary_line, train
+from repnet.training import RunRecords, build_module, summary_line, train
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
@@ -259,17 +259,33 @@ def test_train_py_reports_a_usage_error_in_one_line_and_leaves_no_run_directory(
     assert not (tmp_path / "run").exists()  # Hydra had made it, with .hydra/ and train.log
 
 
-def test_a_refused_run_keeps_a_directory_that_holds_anything_else(tmp_path):
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "train.log").write_text("GPU available: False\n")
-    (run / "notes.txt").write_text("mine")
-    forget_unstarted_run(run, "train.log")
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
-    (run / "config.yaml").write_text("{}")  # a started run keeps its records
-    (run / ".hydra").mkdir()
-    forget_unstarted_run(run, "train.log")
-    assert (run / ".hydra").is_dir()
+def test_a_refused_run_takes_back_only_what_hydra_just_made(tmp_path):
+    def hydra_made(run: Path, log: str = "") -> RunRecords:
+        (run / "meta").mkdir(parents=True)
+        (run / "meta" / "config.yaml").write_text("{}")
+        (run / "train.log").write_text(log)
+        return RunRecords(run, "meta", "train.log")
+
+    fresh = hydra_made(tmp_path / "fresh")
+    (tmp_path / "fresh" / "train.log").write_text("GPU available: False\n")  # logged since
+    fresh.forget()
+    assert not (tmp_path / "fresh").exists()
+
+    users = tmp_path / "users"  # hydra.run.dir=. in a folder of the user's
+    (users / "notes.txt").parent.mkdir()
+    (users / "notes.txt").write_text("mine")
+    records = hydra_made(users)
+    records.forget()
+    assert sorted(p.name for p in users.iterdir()) == ["meta", "notes.txt", "train.log"]
+
+    earlier = hydra_made(tmp_path / "earlier", log="an earlier run's log\n")
+    earlier.forget()
+    assert (tmp_path / "earlier" / "train.log").read_text() == "an earlier run's log\n"
+
+    started = hydra_made(tmp_path / "started")
+    (tmp_path / "started" / "config.yaml").write_text("{}")  # written once the data was ready
+    started.forget()
+    assert (tmp_path / "started" / "meta").is_dir()
 
 
 def test_the_summary_line_names_only_what_the_run_has():
