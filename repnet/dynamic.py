@@ -36,12 +36,14 @@ def mixed_kernels(
     longer). Without a weight gradient: ``B`` products ``[1, K] @ [K, N]`` against the
     experts broadcast (not copied), 1.5-2.5x faster on this project's CPU; in training
     that form's backward would build a ``[B, K, N]`` weight gradient before summing it.
+    A ``torch.jit.trace`` always takes the second form: its check runs without autograd
+    and must see the same graph (TensorBoard's ``log_graph`` traces the model).
     """
     flat = weights.flatten(1)
-    if torch.is_grad_enabled() and flat.requires_grad:
+    if torch.is_grad_enabled() and flat.requires_grad and not torch.jit.is_tracing():
         mixed = attention @ flat
     else:
-        mixed = torch.bmm(attention.unsqueeze(1), flat.expand(len(attention), -1, -1))
+        mixed = torch.bmm(attention.unsqueeze(1), flat.expand(attention.shape[0], -1, -1))
     bias = None if biases is None else (attention @ biases).view(-1)
     return mixed.view(-1, *weights.shape[2:]), bias
 

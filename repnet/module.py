@@ -113,8 +113,14 @@ class Classifier(pl.LightningModule):
         self.deploy_gap = MaxMetric()
         self.deploy_copy: list[nn.Module] = []  # a list, so the copy is no submodule (never saved)
         self.hparams_written = False
-        # One image: Lightning's model summary then shows each layer's sizes and FLOPs per image.
-        self.example_input_array = torch.zeros(1, *input_size)
+
+    @property
+    def example_input_array(self) -> Tensor:
+        """One image in the parameters' dtype and device (``bf16-true`` runs too): Lightning's
+        model summary runs it to show each layer's sizes and the FLOPs per image."""
+        parameter = next(self.model.parameters())
+        shape = (1, *self.hparams.input_size)
+        return torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -74,7 +74,9 @@ def final_deploy_check(module: Classifier, datamodule) -> dict[str, float]:
     model = module.model.eval()
     deployed = reparameterize(model)
     gap, scale, agree, correct, deployed_correct, total = 0.0, 0.0, 0, 0, 0, 0
+    dtype = next(model.parameters()).dtype  # bf16-true and 16-true runs convert the model
     for images, labels in datamodule.val_dataloader():
+        images = images.to(dtype)
         logits, deployed_logits = model(images), deployed(images)
         gap = max(gap, (logits - deployed_logits).abs().max().item())
         scale = max(scale, logits.abs().max().item())

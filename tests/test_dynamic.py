@@ -173,6 +173,15 @@ def test_state_dict_keys_are_those_earlier_checkpoints_hold():
     assert set(module.state_dict()) == {"temperature", "weight", "bias", *attention}
 
 
+def test_a_jit_trace_passes_its_check_trained_and_deployed():
+    """The check re-runs the trace without autograd: both runs must take the same mixing."""
+    module, x = DynamicConv2d(4, 6, 3).eval(), torch.randn(2, 4, 8, 8)
+    for _ in range(2):
+        traced = torch.jit.trace(module, x)
+        assert torch.allclose(traced(x), module(x), rtol=1e-5, atol=1e-6)
+        module.switch_to_deploy()
+
+
 def test_attention_rows_sum_to_one_and_temperature_sharpens_them():
     module = DynamicConv2d(3, 3, num_experts=5)
     x = torch.randn(4, 3, 8, 8)

@@ -83,6 +83,17 @@ def test_the_model_summary_counts_flops_per_image_and_leaves_training_mode_on():
     assert summary.total_flops == counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "tolerance"),
+    [(["trainer.precision=bf16-true"], 0.1), (["block=dynamic", "+logger.log_graph=true"], 1e-4)],
+)
+def test_options_that_touch_the_example_input_train_and_deploy(tmp_path, overrides, tolerance):
+    """The summary's example image follows a ``bf16-true`` model's dtype, the final check
+    feeds it bf16 images, and a dynamic model traces for TensorBoard's graph."""
+    summary = train(compose([*QUICK, *overrides]), tmp_path)
+    assert summary["max_rel_diff"] < tolerance and summary["argmax_agreement"] > 0.9
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """The default config (full blocks on digits) for three epochs."""
