@@ -51,21 +51,30 @@ def make_optimizer(groups: list[dict[str, Any]], options: dict[str, Any]) -> tor
     return torch.optim.AdamW(groups, betas=tuple(options["betas"]), **common)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
 def checked_optimizer_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` if they are numbers where numbers go, the schedule is known and torch's
-    optimizer takes them: a bad value (``optim.lr=-1``) is a ``ValueError`` naming it when
-    the module is built, not a traceback from inside ``fit``."""
-    for key in ("lr", "momentum", "weight_decay", "warmup_epochs"):
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"optim.{key} must be a number, got {value!r}")
-    if options["warmup_epochs"] < 0:
-        raise ValueError(f"optim.warmup_epochs must be >= 0, got {options['warmup_epochs']!r}")
-    if not isinstance(options["nesterov"], bool):
-        raise ValueError(f"optim.nesterov must be true or false, got {options['nesterov']!r}")
+    """``options`` if the optimizer and schedule are known, its own options are finite numbers
+    (``betas`` two of them) and torch's optimizer takes them: a bad value (``optim.lr=-1``)
+    is a ``ValueError`` naming it when the module is built, not a traceback inside ``fit``."""
     for key, known in (("name", ("sgd", "adamw")), ("schedule", ("cosine", "constant"))):
         if options[key] not in known:
             raise ValueError(f"optim.{key} must be one of {list(known)}, got {options[key]!r}")
+    sgd = options["name"] == "sgd"
+    for key in ("lr", "weight_decay", "warmup_epochs", *(["momentum"] if sgd else [])):
+        if not _is_finite_number(options[key]):
+            raise ValueError(f"optim.{key} must be a finite number, got {options[key]!r}")
+    if options["warmup_epochs"] < 0:
+        raise ValueError(f"optim.warmup_epochs must be >= 0, got {options['warmup_epochs']!r}")
+    if sgd and not isinstance(options["nesterov"], bool):
+        raise ValueError(f"optim.nesterov must be true or false, got {options['nesterov']!r}")
+    betas = options["betas"]
+    if not sgd and not (
+        isinstance(betas, list | tuple) and len(betas) == 2 and all(map(_is_finite_number, betas))
+    ):
+        raise ValueError(f"optim.betas must be two finite numbers, got {betas!r}")
     try:
         make_optimizer([nn.Parameter(torch.zeros(1))], options)
     except (ValueError, TypeError) as error:
