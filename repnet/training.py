@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         resolved = {**OmegaConf.to_container(cfg, resolve=True), **shape}
         callbacks = [*build_callbacks(cfg, run_dir), RunConfigWriter(run_dir, resolved)]
         logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
+        check_trainer_options(OmegaConf.to_container(cfg.trainer, resolve=True))
         trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
@@ -159,6 +162,43 @@ class RunRecords:
                 path.unlink(missing_ok=True)
         if not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
+
+
+def check_trainer_options(options: dict[str, Any]) -> None:
+    """A ``ValueError`` naming the first ``trainer.*`` value that does not fit the type
+    ``pl.Trainer`` declares for it (``max_epochs=abc`` failed deep inside ``fit``)."""
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    for key, value in options.items():
+        if key in hints and not fits(value, hints[key]):
+            raise ValueError(f"trainer.{key} must be {describe(hints[key])}, got {value!r}")
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a plain config value fits a type hint; hints it cannot judge (objects such as
+    ``Strategy`` that a config cannot hold anyway) accept anything."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(fits(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
+    if isinstance(value, bool):
+        return hint is bool or hint not in (int, float, str, type(None))
+    simple = {int: int, float: (int, float), bool: bool, str: str, type(None): type(None)}
+    simple[list] = list
+    expected = simple.get(origin or hint)
+    return expected is None or isinstance(value, expected)
+
+
+def describe(hint: Any) -> str:
+    """``int or None``, ``one of [16, '16-true', …]``: a type hint in words."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {list(args)}"
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+    literals = [a for arg in args if typing.get_origin(arg) is typing.Literal for a in arg.__args__]
+    others = [describe(arg) for arg in args if typing.get_origin(arg) is not typing.Literal]
+    return " or ".join(([f"one of {literals}"] if literals else []) + others)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.errors import UsageError
 from repnet.module import warmup_cosine
-from repnet.training import RunRecords, build_module, summary_line, train
+from repnet.training import (
+    RunRecords,
+    build_module,
+    check_trainer_options,
+    summary_line,
+    train,
+)
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
@@ -237,12 +243,42 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
         (["optim.name=adam"], "optim.name must be one of"),
         (["optim.schedule=step"], "optim.schedule must be one of"),
         (["optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs must be int or None, got 'abc'"),
     ],
 )
 def test_a_bad_config_is_one_usage_error_before_anything_is_written(tmp_path, overrides, message):
     with pytest.raises(UsageError, match=message):
         train(compose([*QUICK[2:], *overrides]), tmp_path)
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("trainer", GROUPS["trainer"])
+def test_every_trainer_config_fits_the_types_lightning_declares(trainer):
+    check_trainer_options(OmegaConf.to_container(compose([f"trainer={trainer}"]).trainer))
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            {"max_epochs": 3, "precision": "16-mixed", "devices": "auto", "deterministic": "warn"},
+            None,
+        ),
+        ({"limit_train_batches": 0.5, "limit_val_batches": 2, "max_time": "00:00:10:00"}, None),
+        ({"devices": [0], "precision": 32, "enable_model_summary": False, "max_steps": -1}, None),
+        ({"max_epochs": "abc"}, "trainer.max_epochs must be int or None, got 'abc'"),
+        ({"max_epochs": 2.5}, "trainer.max_epochs must be int or None, got 2.5"),
+        ({"log_every_n_steps": True}, "trainer.log_every_n_steps must be int or None, got True"),
+        ({"enable_model_summary": "yes"}, "must be bool or None, got 'yes'"),
+        ({"precision": "bf17"}, r"trainer.precision must be one of \[64, 32, 16, 'transformer"),
+    ],
+)
+def test_trainer_values_are_checked_against_the_types_lightning_declares(options, error):
+    if error is None:
+        check_trainer_options(options)
+    else:
+        with pytest.raises(ValueError, match=error):
+            check_trainer_options(options)
 
 
 def test_resuming_under_another_model_or_optimizer_names_what_differs(tmp_path):
