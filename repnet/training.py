@@ -164,6 +164,17 @@ class RunRecords:
             self.run_dir.rmdir()
 
 
+# What a config value must be for a type hint it can fit (a float hint takes an int too).
+PLAIN_TYPES = {
+    int: int,
+    float: (int, float),
+    bool: bool,
+    str: str,
+    type(None): type(None),
+    list: list,
+}
+
+
 def check_trainer_options(options: dict[str, Any]) -> None:
     """A ``ValueError`` naming the first ``trainer.*`` value that does not fit the type
     ``pl.Trainer`` declares for it (``max_epochs=abc`` failed deep inside ``fit``)."""
@@ -181,12 +192,12 @@ def fits(value: Any, hint: Any) -> bool:
         return any(fits(value, arg) for arg in typing.get_args(hint))
     if origin is typing.Literal:
         return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
-    if isinstance(value, bool):
-        return hint is bool or hint not in (int, float, str, type(None))
-    simple = {int: int, float: (int, float), bool: bool, str: str, type(None): type(None)}
-    simple[list] = list
-    expected = simple.get(origin or hint)
-    return expected is None or isinstance(value, expected)
+    expected = PLAIN_TYPES.get(origin or hint)
+    if expected is None:
+        return True
+    if isinstance(value, bool):  # an int to Python, not to a config
+        return expected is bool
+    return isinstance(value, expected)
 
 
 def describe(hint: Any) -> str:

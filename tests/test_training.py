@@ -270,6 +270,7 @@ def test_every_trainer_config_fits_the_types_lightning_declares(trainer):
         ({"max_epochs": 2.5}, "trainer.max_epochs must be int or None, got 2.5"),
         ({"log_every_n_steps": True}, "trainer.log_every_n_steps must be int or None, got True"),
         ({"enable_model_summary": "yes"}, "must be bool or None, got 'yes'"),
+        ({"devices": True}, "trainer.devices must be list or str or int, got True"),
         ({"precision": "bf17"}, r"trainer.precision must be one of \[64, 32, 16, 'transformer"),
     ],
 )
