@@ -191,18 +191,20 @@ def check_formats(export: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(formats))  # each once, in the order given
 
 
-def require(name: str, value: Any, kind: type[int] | type[float], minimum: float | None) -> None:
-    """A :class:`DeployError` unless ``value`` is a finite ``kind`` (an int counts as a float,
-    a bool as neither) of at least ``minimum``: checked before any work, not where it is used."""
+def require(
+    name: str, value: Any, kind: type[int] | type[float], minimum: float, maximum: float = math.inf
+) -> None:
+    """A :class:`DeployError` unless ``value`` is a ``kind`` (an int counts as a float, a bool
+    as neither, NaN as nothing) in ``[minimum, maximum]``: checked before any work."""
     kinds = (int, float) if kind is float else (int,)
     if (
         isinstance(value, bool)
         or not isinstance(value, kinds)
-        or not math.isfinite(value)
-        or (minimum is not None and value < minimum)
+        or value != value  # NaN
+        or not minimum <= value <= maximum
     ):
-        what = "an integer" if kind is int else "a finite number"
-        bound = "" if minimum is None else f" >= {minimum}"
+        what = "an integer" if kind is int else "a number"
+        bound = f" >= {minimum}" if maximum == math.inf else f" in [{minimum}, {maximum}]"
         raise DeployError(f"{name} must be {what}{bound}, got {value!r}")
 
 
@@ -232,7 +234,7 @@ def deploy(
     require("random_inputs", random_inputs, int, 1)
     require("real_batches", real_batches, int, 0)
     require("latency_runs", latency_runs, int, 1)
-    require("seed", seed, int, None)
+    require("seed", seed, int, -(2**63), 2**64 - 1)  # what torch.manual_seed takes
     checkpoint = load_checkpoint(ckpt_path)
     run_config = find_run_config(ckpt_path, config)
     architecture, input_size = describe(checkpoint, run_config)

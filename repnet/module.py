@@ -52,7 +52,10 @@ def make_optimizer(groups: list[dict[str, Any]], options: dict[str, Any]) -> tor
 
 
 def _is_finite_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    """An int (any size) or a finite float; a bool is neither here."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def checked_optimizer_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -125,11 +128,17 @@ class Classifier(pl.LightningModule):
 
     @property
     def example_input_array(self) -> Tensor:
-        """One image in the parameters' dtype and device (``bf16-true`` runs too): Lightning's
-        model summary runs it to show each layer's sizes and the FLOPs per image."""
+        """What was set, else one image in the parameters' dtype and device (``bf16-true``
+        runs too): Lightning's model summary runs it to show layer sizes and FLOPs per image."""
+        if self._example_input_array is not None:
+            return self._example_input_array
         parameter = next(self.model.parameters())
         shape = (1, *self.hparams.input_size)
         return torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
+
+    @example_input_array.setter
+    def example_input_array(self, example: Tensor | None) -> None:
+        self._example_input_array = example
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

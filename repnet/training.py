@@ -108,9 +108,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         resolved = {**OmegaConf.to_container(cfg, resolve=True), **shape}
         callbacks = [*build_callbacks(cfg, run_dir), RunConfigWriter(run_dir, resolved)]
         logger = instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
-        check_trainer_options(OmegaConf.to_container(cfg.trainer, resolve=True))
+        check_trainer_options(
+            OmegaConf.to_container(cfg.trainer, resolve=True, throw_on_missing=True)
+        )
         trainer = instantiate(
             cfg.trainer,
+            _convert_="all",  # plain dicts and lists: Lightning takes max_time={hours: 1}
             callbacks=callbacks,
             logger=logger,
             enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
@@ -138,17 +141,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 class RunRecords:
     """What Hydra made for this run before ``train`` was called: the run directory's
-    ``output_subdir`` (``.hydra/``) and the job log. A run refused before it started takes
-    them back, but only from a directory that held nothing else when the run began (one
-    Hydra just made, not a user's folder or an earlier run's)."""
+    ``output_subdir`` (``.hydra/`` with Hydra's three YAML files) and the job log. A run refused
+    before it started takes them back, but only from a directory that held nothing else when
+    the run began (one Hydra just made, not a user's folder or an earlier run's), and only
+    entries directly inside it."""
+
+    HYDRA_FILES = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
 
     def __init__(self, run_dir: Path, output_subdir: str | None, log_name: str):
         self.run_dir = run_dir
-        self.paths = [run_dir / name for name in (output_subdir, log_name) if name]
-        self.fresh = all(
-            path in self.paths and (path.is_dir() or path.stat().st_size == 0)
-            for path in run_dir.iterdir()
-        )
+        inside = [run_dir / name for name in (output_subdir, log_name) if name]
+        self.paths = [path for path in inside if path.resolve().parent == run_dir.resolve()]
+        self.fresh = all(path in self.paths and self._made(path) for path in run_dir.iterdir())
+
+    def _made(self, path: Path) -> bool:
+        """An empty log, or a folder of Hydra's own YAML files: nothing anyone else wrote."""
+        if path.is_dir():
+            return all(p.is_file() and p.name in self.HYDRA_FILES for p in path.iterdir())
+        return path.is_file() and path.stat().st_size == 0
 
     def forget(self) -> None:
         """Remove the records, then the directory if that empties it; nothing once the run

@@ -107,11 +107,14 @@ def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path)
     ("option", "value", "message"),
     [
         *[("export_batch", v, "an integer >= 1") for v in (0, -1, "4", 2.0, True)],
-        *[("max_rel", v, "a finite number >= 0") for v in ("abc", -1e-4, None, True, math.nan)],
+        *[("max_rel", v, "a number >= 0") for v in ("abc", -1e-4, None, True, math.nan)],
         ("random_inputs", 0, "an integer >= 1"),
         ("real_batches", -1, "an integer >= 0"),
         ("latency_runs", 2.5, "an integer >= 1"),
-        ("seed", "0", "an integer"),
+        *[
+            ("seed", v, r"an integer in \[-9223372036854775808, 18446744073709551615\]")
+            for v in ("0", 2**64)
+        ],
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(run_dir, tmp_path, option, value, message):
@@ -226,7 +229,7 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
     ("override", "message"),
     [
         ("export=[onnx,tflite]", "unknown export format ['tflite']"),
-        ("max_rel=abc", "max_rel must be a finite number >= 0, got 'abc'"),
+        ("max_rel=abc", "max_rel must be a number >= 0, got 'abc'"),
     ],
 )
 def test_cli_a_bad_option_is_refused_before_any_work(run_dir, tmp_path, override, message):

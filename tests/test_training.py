@@ -89,6 +89,18 @@ def test_the_model_summary_counts_flops_per_image_and_leaves_training_mode_on():
     assert summary.total_flops == counter.get_total_flops() > 0
 
 
+def test_dict_valued_trainer_options_reach_lightning_as_dicts(tmp_path):
+    summary = train(compose([*QUICK, "+trainer.max_time={hours:1}", "logger=csv"]), tmp_path)
+    assert summary["argmax_agreement"] == 1.0
+
+
+def test_a_set_example_input_is_kept():
+    cfg = compose()
+    module = build_module(cfg, instantiate(cfg.data))
+    module.example_input_array = torch.zeros(4, 1, 8, 8)
+    assert module.example_input_array.shape == (4, 1, 8, 8)
+
+
 @pytest.mark.parametrize(
     ("overrides", "tolerance"),
     [(["trainer.precision=bf16-true"], 0.1), (["block=dynamic", "+logger.log_graph=true"], 1e-4)],
@@ -244,6 +256,7 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
         (["optim.schedule=step"], "optim.schedule must be one of"),
         (["optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
         (["trainer.max_epochs=abc"], "trainer.max_epochs must be int or None, got 'abc'"),
+        (["trainer.max_epochs=???"], r"trainer.max_epochs is required \(trainer.max_epochs=...\)"),
     ],
 )
 def test_a_bad_config_is_one_usage_error_before_anything_is_written(tmp_path, overrides, message):
@@ -331,6 +344,18 @@ def test_a_refused_run_takes_back_only_what_hydra_just_made(tmp_path):
     earlier = hydra_made(tmp_path / "earlier", log="an earlier run's log\n")
     earlier.forget()
     assert (tmp_path / "earlier" / "train.log").read_text() == "an earlier run's log\n"
+
+    hydra_made(tmp_path / "mixed")
+    (tmp_path / "mixed" / "meta" / "mine.txt").write_text("mine")  # someone's file in .hydra/
+    RunRecords(tmp_path / "mixed", "meta", "train.log").forget()
+    assert (tmp_path / "mixed" / "meta" / "mine.txt").is_file()
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep.txt").write_text("keep")
+    for subdir in ("../outside", str(tmp_path / "outside")):  # output_subdir out of reach
+        (tmp_path / "run").mkdir()
+        RunRecords(tmp_path / "run", subdir, "train.log").forget()
+        assert (tmp_path / "outside" / "keep.txt").is_file() and not (tmp_path / "run").exists()
 
     started = hydra_made(tmp_path / "started")
     (tmp_path / "started" / "config.yaml").write_text("{}")  # written once the data was ready
