@@ -1,8 +1,14 @@
-"""repnet: structural re-parameterization for PyTorch."""
+"""repnet: structural re-parameterization for PyTorch.
+
+``import repnet`` loads the model layer only (torch): blocks, algebra, models and
+conversion. Training and deployment (Lightning, Hydra, data) load when first used.
+"""
+
+from typing import Any
 
 from repnet import kernels, models
-from repnet.block import PRESETS, RepBlock
-from repnet.deployment import load_deployed
+from repnet.block import RepBlock
+from repnet.branches import PRESETS, register_branch
 from repnet.dynamic import DynamicConv2d
 from repnet.reparam import Verification, reparameterize, verify
 
@@ -14,6 +20,16 @@ __all__ = [
     "kernels",
     "load_deployed",
     "models",
+    "register_branch",
     "reparameterize",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``repnet.load_deployed`` without loading the deploy stack at ``import repnet``."""
+    if name == "load_deployed":
+        from repnet.deployment import load_deployed
+
+        return load_deployed
+    raise AttributeError(f"module 'repnet' has no attribute {name!r}")

@@ -2,83 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from repnet.branches import (
-    BRANCHES,
+    BranchSpec,
     ChannelScale,
-    Geometry,
     build_branches,
     fuse_norm,
+    make_geometry,
+    resolve_branches,
     summed_kernel,
 )
-from repnet.kernels import Conv, of_conv2d, pair, to_conv2d
-
-PRESETS: dict[str, tuple[str, ...]] = {
-    "full": ("kxk", "1xk", "kx1", "1x1", "identity"),
-    "repvgg": ("kxk", "1x1", "identity"),
-    "acb": ("kxk", "1xk", "kx1"),
-    "dbb": ("kxk", "1x1", "1x1_kxk", "1x1_avg"),
-    "plain": ("kxk",),
-}
-
-BranchSpec = str | Sequence[str]
-
-
-def resolve_branches(branches: BranchSpec, geometry: Geometry) -> tuple[str, ...]:
-    """Branch names of a preset or a list; a preset drops an identity that cannot exist."""
-    if isinstance(branches, str):
-        if branches not in PRESETS:
-            raise ValueError(
-                f"unknown branch preset {branches!r}; presets: {', '.join(PRESETS)} "
-                f"(or a list of branch names: {', '.join(BRANCHES)})"
-            )
-        names = PRESETS[branches]
-        if geometry.identity_problem() is not None:
-            names = tuple(n for n in names if n != "identity")
-        return names
-    names = tuple(branches)
-    unknown = [n for n in names if n not in BRANCHES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"branches must be distinct names from {', '.join(BRANCHES)}; got {list(names)}"
-        )
-    if "identity" in names and (problem := geometry.identity_problem()):
-        raise ValueError(f"an identity branch cannot exist here: {problem}")
-    return names
-
-
-def make_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
-    """Validated :class:`Geometry`; every problem is named in one ``ValueError``."""
-    kernel_size, stride, dilation = pair(kernel_size), pair(stride), pair(dilation)
-    if padding is None:
-        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size))
-    padding = pair(padding)
-    problems = [
-        f"{name} must be positive, got {value}"
-        for name, value in (
-            ("in_channels", in_channels),
-            ("out_channels", out_channels),
-            ("groups", groups),
-            ("kernel_size", min(kernel_size)),
-            ("stride", min(stride)),
-            ("dilation", min(dilation)),
-        )
-        if value < 1
-    ]
-    if min(padding) < 0:
-        problems.append(f"padding must be non-negative, got {padding}")
-    if groups >= 1 and (in_channels % groups or out_channels % groups):
-        problems.append(
-            f"in_channels ({in_channels}) and out_channels ({out_channels}) "
-            f"must be divisible by groups ({groups})"
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
-    return Geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+from repnet.kernels import Conv, of_conv2d, to_conv2d
 
 
 class RepBlock(nn.Module):
@@ -90,6 +28,7 @@ class RepBlock(nn.Module):
     every forward builds ``W = Σ_b γ_b·W_b`` with the kernel algebra and runs
     ``act(BN(conv(x, W)))`` — one conv, one BN (online re-parameterization).
     ``deploy=True`` builds the deployed form directly (to load fused weights).
+    ``strict`` decides an identity that cannot exist here (see ``resolve_branches``).
     """
 
     def __init__(
@@ -105,13 +44,14 @@ class RepBlock(nn.Module):
         act: Callable[[], nn.Module] | None = nn.ReLU,
         online: bool = False,
         deploy: bool = False,
+        strict: bool | None = None,
     ):
         super().__init__()
         geo = make_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups
         )
         self.geometry = geo
-        self.branch_names = resolve_branches(branches, geo)
+        self.branch_names = resolve_branches(branches, geo, strict)
         self.online = online
         self.act = act() if act is not None else nn.Identity()
         if deploy:

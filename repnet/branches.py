@@ -9,7 +9,7 @@ equals in eval mode.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -28,6 +28,7 @@ from repnet.kernels import (
     fuse_bn,
     identity,
     pad_to,
+    pair,
 )
 
 
@@ -166,9 +167,26 @@ class Geometry:
 
 
 NormFactory = Callable[[int], Norm]
+BranchBuilder = Callable[[Geometry, NormFactory], Branch]
+
+# Branch builders by name; ``register_branch`` adds one (inside or outside the package).
+BRANCHES: dict[str, BranchBuilder] = {}
 
 
-def _single(size_of: Callable[[Geometry], Pair], name: str):
+def register_branch(name: str) -> Callable[[BranchBuilder], BranchBuilder]:
+    """Decorator: ``@register_branch("5x5")`` makes ``builder(geometry, norm) -> Branch``
+    available by name to presets, lists and every block; a name is registered once."""
+
+    def register(builder: BranchBuilder) -> BranchBuilder:
+        if name in BRANCHES:
+            raise ValueError(f"a branch named {name!r} is already registered")
+        BRANCHES[name] = builder
+        return builder
+
+    return register
+
+
+def _single(size_of: Callable[[Geometry], Pair], name: str) -> BranchBuilder:
     """A branch of one conv of size ``size_of(geometry)`` lined up with the main kernel."""
 
     def build(geo: Geometry, norm: NormFactory) -> Branch:
@@ -184,9 +202,16 @@ def _single(size_of: Callable[[Geometry], Pair], name: str):
         )
         return Branch(Stage(op, norm(geo.out_channels)))
 
-    return build
+    return register_branch(name)(build)
 
 
+_single(lambda g: g.kernel_size, "kxk")
+_single(lambda g: (1, 1), "1x1")
+_single(lambda g: (1, g.kernel_size[1]), "1xk")
+_single(lambda g: (g.kernel_size[0], 1), "kx1")
+
+
+@register_branch("identity")
 def _identity(geo: Geometry, norm: NormFactory) -> Branch:
     padding = geo.padding_for((1, 1), "identity")
     conv = identity(geo.out_channels, geo.groups, padding, geo.dilation)
@@ -194,8 +219,10 @@ def _identity(geo: Geometry, norm: NormFactory) -> Branch:
 
 
 def _after_1x1(
-    second: Callable[[Geometry, int], KernelOp], mid_channels: Callable[[Geometry], int]
-):
+    name: str,
+    second: Callable[[Geometry, int], KernelOp],
+    mid_channels: Callable[[Geometry], int],
+) -> BranchBuilder:
     """A 1x1 conv, then ``second``; the 1x1 runs on the padded input so the borders stay exact."""
 
     def build(geo: Geometry, norm: NormFactory) -> Branch:
@@ -205,7 +232,7 @@ def _after_1x1(
         )
         return Branch(Stage(first, norm(mid)), Stage(second(geo, mid), norm(geo.out_channels)))
 
-    return build
+    return register_branch(name)(build)
 
 
 def _kxk_after(geo: Geometry, mid: int) -> KernelOp:
@@ -219,15 +246,86 @@ def _avg_after(geo: Geometry, mid: int) -> KernelOp:
     return KernelOp(pool, learnable=False)
 
 
-BRANCHES: dict[str, Callable[[Geometry, NormFactory], Branch]] = {
-    "kxk": _single(lambda g: g.kernel_size, "kxk"),
-    "1x1": _single(lambda g: (1, 1), "1x1"),
-    "1xk": _single(lambda g: (1, g.kernel_size[1]), "1xk"),
-    "kx1": _single(lambda g: (g.kernel_size[0], 1), "kx1"),
-    "identity": _identity,
-    "1x1_kxk": _after_1x1(_kxk_after, lambda g: g.in_channels),
-    "1x1_avg": _after_1x1(_avg_after, lambda g: g.out_channels),
+_after_1x1("1x1_kxk", _kxk_after, lambda g: g.in_channels)
+_after_1x1("1x1_avg", _avg_after, lambda g: g.out_channels)
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "full": ("kxk", "1xk", "kx1", "1x1", "identity"),
+    "repvgg": ("kxk", "1x1", "identity"),
+    "acb": ("kxk", "1xk", "kx1"),
+    "dbb": ("kxk", "1x1", "1x1_kxk", "1x1_avg"),
+    "plain": ("kxk",),
 }
+
+BranchSpec = str | Sequence[str]
+
+
+def resolve_branches(
+    branches: BranchSpec, geometry: Geometry, strict: bool | None = None
+) -> tuple[str, ...]:
+    """Branch names of a preset or a list. The one rule for an identity that cannot exist
+    (in ≠ out channels, stride ≠ 1, an even kernel): ``strict=True`` refuses it, ``False``
+    drops it; by default a preset drops it and a list refuses it."""
+    if isinstance(branches, str):
+        if branches not in PRESETS:
+            raise ValueError(
+                f"unknown branch preset {branches!r}; presets: {', '.join(PRESETS)} "
+                f"(or a list of branch names: {', '.join(BRANCHES)})"
+            )
+        names = PRESETS[branches]
+    else:
+        names = tuple(branches)
+        unknown = [n for n in names if n not in BRANCHES]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"branches must be distinct names from {', '.join(BRANCHES)}; got {list(names)}"
+            )
+    strict = not isinstance(branches, str) if strict is None else strict
+    problem = geometry.identity_problem() if "identity" in names else None
+    if problem is None:
+        return names
+    others = tuple(n for n in names if n != "identity")
+    if strict or not others:
+        raise ValueError(f"an identity branch cannot exist here: {problem}")
+    return others
+
+
+def make_geometry(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Pair,
+    stride: int | Pair,
+    padding: int | Pair | None,
+    dilation: int | Pair,
+    groups: int,
+) -> Geometry:
+    """Validated :class:`Geometry`; every problem is named in one ``ValueError``."""
+    kernel_size, stride, dilation = pair(kernel_size), pair(stride), pair(dilation)
+    if padding is None:
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel_size))
+    padding = pair(padding)
+    problems = [
+        f"{name} must be positive, got {value}"
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+            ("kernel_size", min(kernel_size)),
+            ("stride", min(stride)),
+            ("dilation", min(dilation)),
+        )
+        if value < 1
+    ]
+    if min(padding) < 0:
+        problems.append(f"padding must be non-negative, got {padding}")
+    if groups >= 1 and (in_channels % groups or out_channels % groups):
+        problems.append(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+            f"must be divisible by groups ({groups})"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return Geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
 
 
 def build_branches(geo: Geometry, names: tuple[str, ...], norm: NormFactory) -> nn.ModuleDict:

@@ -22,18 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from repnet.errors import UsageError
+from repnet.errors import CheckpointError, DeployError
 
 # Wrappers that prefix every key: LightningModule attribute, DDP, torch.compile.
 PREFIXES = ("model.", "module.", "_orig_mod.")
-
-
-class DeployError(UsageError):
-    """Input to a conversion that a user can fix; the message says what, in one line."""
-
-
-class CheckpointError(DeployError):
-    """A checkpoint that cannot be used."""
 
 
 @dataclass(frozen=True)

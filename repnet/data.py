@@ -18,7 +18,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from repnet.errors import UsageError
+from repnet.errors import DatasetUnavailableError
 
 CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -26,10 +26,6 @@ CIFAR_STATS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DatasetUnavailableError(UsageError):
-    """The dataset is not on disk and cannot be obtained automatically."""
 
 
 class TensorImageDataset(Dataset):

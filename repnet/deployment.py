@@ -18,7 +18,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.checkpoints import Checkpoint, DeployError, load_checkpoint, staged
 from repnet.data import DATAMODULES
-from repnet.dynamic import DynamicConv2d
 from repnet.export import EXPORTERS, Runner
 from repnet.models import build_model
 from repnet.reparam import Verification, reparameterize, verify
@@ -109,25 +108,30 @@ def _mismatch(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
     ]
 
 
+def deploy_skeleton(architecture: dict[str, Any]) -> nn.Module:
+    """The deploy form's modules, weightless: the train form built on the meta device (no
+    memory, no initialisation) and converted; ``load_state_dict(assign=True)`` fills it."""
+    with torch.device("meta"):
+        return reparameterize(build_model(**architecture), inplace=True)
+
+
 def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
     """The model the weights belong to, in train form or (for deployed weights) deploy form."""
-    already_deployed = any(".fused." in key for key in state)
-    forms = (True, False) if already_deployed else (False, True)
-    problems = None
-    for deploy in forms:
-        try:
-            model = build_model(**architecture, deploy=deploy)
-        except (TypeError, ValueError) as error:
-            raise DeployError(f"the recorded architecture cannot be built: {error}") from None
-        mismatch = _mismatch(model, state)
-        if not mismatch:
-            model.load_state_dict(state)
-            return model.eval()
-        problems = problems or mismatch
-    raise DeployError(
-        f"the checkpoint is not a {architecture.get('name')} with block "
-        f"{architecture.get('block')}: {'; '.join(problems)}"
-    )
+    try:
+        model = build_model(**architecture)
+    except (TypeError, ValueError) as error:
+        raise DeployError(f"the recorded architecture cannot be built: {error}") from None
+    problems = _mismatch(model, state)
+    if problems:
+        skeleton = deploy_skeleton(architecture)
+        if _mismatch(skeleton, state):
+            raise DeployError(
+                f"the checkpoint is not a {architecture.get('name')} with block "
+                f"{architecture.get('block')}: {'; '.join(problems)}"
+            )
+        model = skeleton
+    model.load_state_dict(state, assign=True)
+    return model.eval()
 
 
 def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | None, str]:
@@ -246,7 +250,7 @@ def deploy(
     if (
         formats
         and export_batch is None
-        and any(isinstance(m, DynamicConv2d) for m in deployed.modules())
+        and any(getattr(m, "needs_fixed_batch", False) for m in deployed.modules())
     ):
         raise DeployError(
             "dynamic convolutions export only for a fixed batch (their group count is the "
@@ -332,10 +336,10 @@ def load_deployed(out_dir: str | Path) -> nn.Module:
     config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise DeployError(f"{out_dir} holds no deployed model ({CONFIG_NAME}, {WEIGHTS_NAME})")
-    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    model = build_model(**config["architecture"], deploy=True)
+    config = _read_yaml(config_path)
+    model = deploy_skeleton(config["architecture"])
     state = load_checkpoint(weights_path).state_dict
     if mismatch := _mismatch(model, state):
         raise DeployError(f"{weights_path} does not fit its {CONFIG_NAME}: {'; '.join(mismatch)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model.eval()

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from repnet.block import PRESETS, BranchSpec, make_geometry, resolve_branches
 from repnet.branches import (
+    PRESETS,
+    BranchSpec,
     ChannelScale,
     Geometry,
     build_branches,
     conv_weight,
+    make_geometry,
+    resolve_branches,
     summed_kernel,
 )
 from repnet.kernels import apply_conv, bn_affine
@@ -31,13 +33,12 @@ def mixed_kernels(
     """Per-sample kernels ``W_b = Σ_k a_bk W_k`` and biases ``b_b = Σ_k a_bk b_k``, the batch
     folded into the output channels: ``[B·O, C/g, kh, kw]`` and ``[B·O]`` (views, no copies).
 
-    Training: one ``[B, K] @ [K, N]`` product and no transposed copy, so its backward
-    products (``aᵀ @ G`` and ``G @ Wᵀ``) are fast layouts too (``F.linear``'s took 4-6x
-    longer). Without a weight gradient: ``B`` products ``[1, K] @ [K, N]`` against the
-    experts broadcast (not copied), 1.5-2.5x faster on this project's CPU; in training
-    that form's backward would build a ``[B, K, N]`` weight gradient before summing it.
-    A ``torch.jit.trace`` always takes the second form: its check runs without autograd
-    and must see the same graph (TensorBoard's ``log_graph`` traces the model).
+    With a weight gradient: one ``[B, K] @ [K, N]`` product with no transposed copy, so its
+    backward products (``aᵀ @ G``, ``G @ Wᵀ``) are contiguous too. Without one: ``B``
+    products ``[1, K] @ [K, N]`` against the experts broadcast (not copied), the faster
+    form on CPU; its backward would build a ``[B, K, N]`` weight gradient. A
+    ``torch.jit.trace`` always takes the second form: its check runs without autograd and
+    must see the same graph (TensorBoard's ``log_graph`` traces the model).
     """
     flat = weights.flatten(1)
     if torch.is_grad_enabled() and flat.requires_grad and not torch.jit.is_tracing():
@@ -51,8 +52,7 @@ def mixed_kernels(
 def conv_grouped(x: Tensor, kernels: Tensor, bias: Tensor | None, geo: Geometry) -> Tensor:
     """All samples in one conv: batch folded into channels, ``groups = B·g``.
 
-    Every reshape here is a view (NCHW input): no copies. Channels-last measured slower on CPU,
-    the copies it needs costing more than the faster conv saves.
+    Every reshape here is a view (NCHW input): no copies.
     """
     batch, _, height, width = x.shape
     y = apply_conv(
@@ -95,9 +95,11 @@ class DynamicConv2d(nn.Module):
     deployed form. Trained experts have no bias (the BN after the mix gives the shift).
     ``switch_to_deploy()`` collapses each expert to one kernel and folds the BN into the
     experts (``Σ_k a_k = 1``, so the BN shift folds exactly). ``strategy`` is ``grouped``
-    (one conv for the batch; on this project's CPU never slower than the loop, see
-    ``repnet.bench``) or ``per_sample``.
+    (one conv for the whole batch) or ``per_sample`` (a loop).
     """
+
+    # The grouped conv's group count is the batch size: an export must fix the batch.
+    needs_fixed_batch = True
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class DynamicConv2d(nn.Module):
         act: Callable[[], nn.Module] | None = nn.ReLU,
         strategy: str = "grouped",
         deploy: bool = False,
+        strict: bool | None = None,
     ):
         super().__init__()
         geo = make_geometry(
@@ -127,7 +130,7 @@ class DynamicConv2d(nn.Module):
         self.geometry, self.strategy = geo, strategy
         # A buffer, so the annealed value is saved with the weights and deployed with them.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        self.branch_names = resolve_branches(branches, geo)
+        self.branch_names = resolve_branches(branches, geo, strict)
         hidden = max(4, in_channels // reduction)
         self.attention = nn.Sequential(
             nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_experts)
@@ -193,20 +196,3 @@ class DynamicConv2d(nn.Module):
             f"branches={list(self.branch_names)}, temperature={self.temperature.item():g}, "
             f"strategy={self.strategy}, deployed={self.deployed}"
         )
-
-
-class TemperatureAnnealing(pl.Callback):
-    """Anneal every dynamic conv's softmax temperature linearly from ``start`` (epoch 0) to
-    ``end`` (epoch ``epochs - 1`` and after): near-uniform experts first, then sharper."""
-
-    def __init__(self, start: float = 30.0, end: float = 1.0, epochs: int = 10):
-        self.start, self.end, self.epochs = start, end, epochs
-
-    def temperature(self, epoch: int) -> float:
-        progress = min(1.0, epoch / max(1, self.epochs - 1))
-        return self.start + (self.end - self.start) * progress
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for module in pl_module.modules():
-            if isinstance(module, DynamicConv2d):
-                module.temperature.fill_(self.temperature(trainer.current_epoch))

@@ -1,5 +1,21 @@
-"""Errors a user can fix: ``train.py`` and ``deploy.py`` print the message in one line, exit 1."""
+"""Every error a user can cause: the CLIs print the message as one line and exit 1."""
 
 
 class UsageError(Exception):
     """Input a user can fix (a path, a format, an option, a mismatch); the message says what."""
+
+
+class DeployError(UsageError):
+    """Input to a conversion that a user can fix."""
+
+
+class CheckpointError(DeployError):
+    """A checkpoint or weights file that cannot be used."""
+
+
+class DatasetUnavailableError(UsageError):
+    """The dataset is not on disk and cannot be obtained automatically."""
+
+
+class TrainingDivergedError(UsageError):
+    """The loss became non-finite; the message names the step."""

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 import repnet
 from repnet import PRESETS
 from repnet.branches import ChannelScale
-from repnet.dynamic import DynamicConv2d, TemperatureAnnealing
+from repnet.callbacks import TemperatureAnnealing
+from repnet.deployment import deploy
+from repnet.dynamic import DynamicConv2d
+from repnet.errors import DeployError
 from repnet.kernels import Conv
 from repnet.training import train
 
@@ -214,7 +217,7 @@ def test_dynamic_blocks_train_under_lightning_and_deploy(tmp_path):
     cfg = compose(["block=dynamic", "block.branches=acb", *QUICK, "logger=csv"])
     summary = train(cfg, tmp_path)
     assert summary["max_abs_diff"] < 1e-3 and summary["argmax_agreement"] == 1.0
-    report = repnet.deployment.deploy(tmp_path / "checkpoints" / "last.ckpt", latency_runs=1)
+    report = deploy(tmp_path / "checkpoints" / "last.ckpt", latency_runs=1)
     deployed = repnet.load_deployed(report.out_dir)
     dynamic_convs = [m for m in deployed.modules() if isinstance(m, DynamicConv2d)]
     assert dynamic_convs and all(m.deployed for m in dynamic_convs)
@@ -226,10 +229,10 @@ def test_dynamic_models_export_for_a_fixed_batch(tmp_path):
     cfg = compose(["block=dynamic", *QUICK, "logger=csv", "trainer.max_epochs=1"])
     train(cfg, tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    with pytest.raises(repnet.checkpoints.DeployError, match="export_batch"):
-        repnet.deployment.deploy(last, export=["pt2"], out_dir=tmp_path / "refused")
+    with pytest.raises(DeployError, match="export_batch"):
+        deploy(last, export=["pt2"], out_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
-    report = repnet.deployment.deploy(
+    report = deploy(
         last, export=["pt2", "onnx"], export_batch=4, out_dir=tmp_path / "out", latency_runs=1
     )
     assert report.checks["pt2 vs deploy form"].max_rel < 1e-5

@@ -75,9 +75,12 @@ def test_small_input_options_are_options_not_forks():
 
 
 @pytest.mark.parametrize("name", ["tiny", "resnet18"])
-def test_deploy_true_builds_the_converted_architecture_directly(name):
+def test_the_deploy_skeleton_is_derived_from_the_train_form_and_loads_strictly(name):
+    from repnet.deployment import deploy_skeleton
+
     trained = randomize_norms(build_model(name, num_classes=10, in_channels=1)).eval()
-    direct = build_model(name, num_classes=10, in_channels=1, deploy=True).eval()
-    direct.load_state_dict(repnet.reparameterize(trained).state_dict())  # strict: same keys
+    direct = deploy_skeleton({"name": name, "num_classes": 10, "in_channels": 1})
+    direct.load_state_dict(repnet.reparameterize(trained).state_dict(), strict=True, assign=True)
+    assert not any(t.is_meta for t in [*direct.parameters(), *direct.buffers()])
     x = torch.randn(3, 1, 32, 32)
     assert torch.allclose(trained(x), direct(x), rtol=1e-4, atol=1e-5)

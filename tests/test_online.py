@@ -95,7 +95,7 @@ def test_online_presets_train_for_a_few_batches(tmp_path):
 def test_quick_bench_runs_and_writes_its_json(tmp_path):
     path = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "repnet.bench", "--quick", "--json", str(path)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--json", str(path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -54,10 +54,9 @@ class PlainNet(nn.Module):
         in_channels: int = 3,
         block: BlockChoice = "repvgg",
         strides: Sequence[int] | None = None,
-        deploy: bool = False,
     ):
         super().__init__()
-        make = block_factory(block, deploy)
+        make = block_factory(block)
         strides = tuple(strides) if strides is not None else spec.strides
         if len(strides) != len(spec.depths):
             raise ValueError(f"strides needs {len(spec.depths)} entries, got {list(strides)}")

@@ -10,16 +10,12 @@ from repnet.models.blocks import BlockChoice, BlockFactory, block_factory, conv_
 class BasicBlock(nn.Module):
     """``relu(block₂(block₁(x)) + shortcut(x))``, the second block without activation."""
 
-    def __init__(
-        self, make: BlockFactory, in_channels: int, out_channels: int, stride: int, deploy: bool
-    ):
+    def __init__(self, make: BlockFactory, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.first = make(in_channels, out_channels, stride=stride)
         self.second = make(out_channels, out_channels, act=None)
         needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = (
-            conv_bn(in_channels, out_channels, stride, deploy) if needs_projection else None
-        )
+        self.shortcut = conv_bn(in_channels, out_channels, stride) if needs_projection else None
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -36,10 +32,9 @@ class ResNet18(nn.Module):
         in_channels: int = 3,
         block: BlockChoice = "dbb",
         stem: str = "imagenet",
-        deploy: bool = False,
     ):
         super().__init__()
-        make = block_factory(block, deploy)
+        make = block_factory(block)
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 make(in_channels, 64, kernel_size=7, stride=2), nn.MaxPool2d(3, 2, 1)
@@ -51,8 +46,8 @@ class ResNet18(nn.Module):
         layers, channels = [], 64
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [
-                BasicBlock(make, channels, width, stride, deploy),
-                BasicBlock(make, width, width, 1, deploy),
+                BasicBlock(make, channels, width, stride),
+                BasicBlock(make, width, width, 1),
             ]
             channels = width
         self.layers = nn.Sequential(*layers)

@@ -1,4 +1,4 @@
-"""Speed, measured as ratios within one run: ``python -m repnet.bench [--quick] [--json PATH]``.
+"""Speed, measured as ratios within one run: ``python benchmarks/bench.py [--quick] [--json PATH]``.
 
 1. Inference latency: train form (eval) vs deploy form vs a plain conv net of the
    same shapes built directly, batch 1 and 8, NCHW and channels_last.
