@@ -1,27 +1,20 @@
 """Train a re-parameterizable model: ``python train.py block=dbb data=cifar10 ...``."""
 
-import sys
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the best validation accuracy: the objective of a Hydra sweeper."""
     from repnet.errors import UsageError
-    from repnet.training import RunRecords, train
+    from repnet.training import refuse, train
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    records = RunRecords(run_dir, hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log")
     try:
-        train(cfg, run_dir)
+        return train(cfg, HydraConfig.get().runtime.output_dir)["best_val_acc"]
     except UsageError as error:
-        records.forget()
-        print(f"train.py: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        refuse(error)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +20,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
+from repnet.config import Seed
 from repnet.errors import DatasetUnavailableError
 
 CIFAR_STATS = {
@@ -26,6 +29,12 @@ CIFAR_STATS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Ranges of the options users set; the config check reads them from these signatures.
+BatchSize = Annotated[int, Field(ge=1, le=65536)]
+Workers = Annotated[int, Field(ge=0, le=64)]
+ImageSize = Annotated[int, Field(ge=1, le=1024)]
+Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class TensorImageDataset(Dataset):
@@ -112,14 +121,12 @@ class DigitsDataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        image_size: int = 8,
-        val_fraction: float = 0.2,
+        batch_size: BatchSize = 64,
+        num_workers: Workers = 0,
+        seed: Seed = 0,
+        image_size: Annotated[int, Field(ge=8, le=256)] = 8,
+        val_fraction: Annotated[float, Field(ge=0.01, le=0.99)] = 0.2,
     ) -> None:
-        if image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {image_size}")
         super().__init__(10, 1, image_size, batch_size, num_workers, seed)
         self.val_fraction = val_fraction
 
@@ -158,9 +165,9 @@ class CIFARDataModule(ImageClassificationDataModule):
         self,
         data_dir: str | Path = "data",
         num_classes: int = 10,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        seed: int = 0,
+        batch_size: BatchSize = 128,
+        num_workers: Workers | None = None,
+        seed: Seed = 0,
         download: bool = True,
     ) -> None:
         if num_classes not in CIFAR_STATS:
@@ -236,10 +243,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def __init__(
         self,
         root: str | Path,
-        image_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        seed: int = 0,
+        image_size: ImageSize = 224,
+        batch_size: BatchSize = 64,
+        num_workers: Workers | None = None,
+        seed: Seed = 0,
     ) -> None:
         root = Path(root)
         classes = _class_folders(root, "train")
@@ -283,14 +290,14 @@ class FakeDataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int = 32,
-        train_size: int = 256,
-        val_size: int = 64,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
+        num_classes: Annotated[int, Field(ge=1, le=100_000)] = 10,
+        in_channels: Annotated[int, Field(ge=1, le=64)] = 3,
+        image_size: ImageSize = 32,
+        train_size: Count = 256,
+        val_size: Count = 64,
+        batch_size: BatchSize = 32,
+        num_workers: Workers = 0,
+        seed: Seed = 0,
     ) -> None:
         super().__init__(num_classes, in_channels, image_size, batch_size, num_workers, seed)
         self.train_size = train_size

@@ -125,6 +125,8 @@ class DynamicConv2d(nn.Module):
         )
         if num_experts < 1:
             raise ValueError(f"num_experts must be positive, got {num_experts}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         self.geometry, self.strategy = geo, strategy

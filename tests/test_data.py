@@ -12,11 +12,11 @@ from PIL import Image
 from repnet.data import (
     DATAMODULES,
     CIFARDataModule,
-    DatasetUnavailableError,
     DigitsDataModule,
     FakeDataModule,
     ImageFolderDataModule,
 )
+from repnet.errors import DatasetUnavailableError
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,20 @@ def test_digits_upsamples_once_at_setup():
     assert images.shape == (8, 1, 16, 16)
 
 
-def test_digits_rejects_image_size_below_native():
-    with pytest.raises(ValueError, match="image_size"):
-        DigitsDataModule(image_size=4)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.image_size=4", "data.image_size: Input should be greater than or equal to 8"),
+        ("data=fake data.in_channels=0", "data.in_channels: Input should be greater"),
+        ("data=cifar10 data.seed=-1", "data.seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_data_options_are_checked_by_the_ranges_in_the_signatures(override, message):
+    from repnet.config import check_train_config
+    from repnet.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        check_train_config(compose(override.split()))
 
 
 def test_loaders_require_setup():
