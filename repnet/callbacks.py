@@ -68,7 +68,7 @@ class ReparamDiagnostics(pl.Callback):
         scale = figures.pop("scale")
         figures["max_rel_diff"] = figures["max_abs_diff"] / scale if scale > 0 else math.inf
         for name, value in figures.items():
-            pl_module.log(f"deploy/{name}", value)
+            pl_module.log(f"deploy/{name}", value, sync_dist=True)  # equal on every rank
         if trainer.sanity_checking:
             return
         self._log_branch_shares(trainer, pl_module)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
@@ -127,13 +128,26 @@ def summarize(trainer: pl.Trainer, final: dict[str, Any], run_dir: Path) -> dict
         "argmax_agreement": "deploy/argmax_agreement",
     }
     return {
-        "best_val_acc": float(best.best_model_score) if best and best.best_model_score else None,
+        "best_val_acc": best_score(best) if best is not None else None,
         **{name: float(final[key]) if key in final else None for name, key in figures.items()},
         "run_dir": str(run_dir),
         "tensorboard": isinstance(trainer.logger, TensorBoardLogger),
         "best_checkpoint": best.best_model_path or None if best else None,
         "last_checkpoint": str(last) if last.is_file() else None,
     }
+
+
+def best_score(checkpoint: ModelCheckpoint) -> float | None:
+    """The best monitored value; after a spawned (DDP) run it is only in the checkpoint file."""
+    if checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    if not checkpoint.best_model_path:
+        return None
+    saved = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    for state in saved["callbacks"].values():
+        if state.get("monitor") == checkpoint.monitor and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    return None
 
 
 def summary_line(summary: dict[str, Any]) -> str:
