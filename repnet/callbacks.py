@@ -27,7 +27,7 @@ class ReparamDiagnostics(pl.Callback):
     Logs ``deploy/max_abs_diff`` ``max|y - y'|``, ``deploy/max_rel_diff`` (over ``max|y|``),
     ``deploy/argmax_agreement``, ``deploy/val_acc``, each branch type's mean share
     ``‖W_b‖ / Σ‖W‖`` of the fused kernel (``branches/<name>``, histograms per block in
-    ``branch_share/<name>``), and registers the run's hyper-parameters against ``hp/val_acc``.
+    ``branch_share/<name>``).
     """
 
     def __init__(self) -> None:
@@ -69,10 +69,8 @@ class ReparamDiagnostics(pl.Callback):
         figures["max_rel_diff"] = figures["max_abs_diff"] / scale if scale > 0 else math.inf
         for name, value in figures.items():
             pl_module.log(f"deploy/{name}", value, sync_dist=True)  # equal on every rank
-        if trainer.sanity_checking:
-            return
-        self._log_branch_shares(trainer, pl_module)
-        self._log_hparams(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._log_branch_shares(trainer, pl_module)
 
     def _log_branch_shares(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
@@ -83,15 +81,32 @@ class ReparamDiagnostics(pl.Callback):
             if trainer.is_global_zero and finite and hasattr(experiment, "add_histogram"):
                 experiment.add_histogram(f"branch_share/{name}", values, trainer.global_step)
 
-    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The hyper-parameters with a real first value of ``hp/val_acc`` (no placeholder)."""
-        accuracy = trainer.callback_metrics.get("val/acc")
-        if accuracy is None:
+
+class RunHParams(pl.Callback):
+    """The HPARAMS tab: the run-defining ``values`` (model, block, data, batch size, …)
+    against ``hp/best_val_acc`` and ``hp/max_rel_diff`` (the deploy gap), after each
+    validation; registered with real first values, not placeholders."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values, self.best, self.registered = values, -math.inf, False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/acc" not in metrics:
             return
-        pl_module.log("hp/val_acc", accuracy, sync_dist=True)
-        if not self.hparams_logged and isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.log_hyperparams(dict(pl_module.hparams), {"hp/val_acc": accuracy})
-            self.hparams_logged = True
+        self.best = max(self.best, float(metrics["val/acc"]))
+        figures = {"hp/best_val_acc": self.best}
+        if "deploy/max_rel_diff" in metrics:
+            figures["hp/max_rel_diff"] = float(metrics["deploy/max_rel_diff"])
+        for logger in trainer.loggers:
+            if self.registered:
+                logger.log_metrics(figures, step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):  # the metrics the HPARAMS tab lists
+                logger.log_hyperparams(self.values, figures)
+            else:
+                logger.log_hyperparams(self.values)
+                logger.log_metrics(figures, step=trainer.global_step)
+        self.registered = True
 
 
 class StopOnDivergence(pl.Callback):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +19,15 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from repnet.checkpoints import load_checkpoint
 from repnet.config import check_train_config
+from repnet.costs import mflops_per_image, parameters
 from repnet.errors import UsageError
 from repnet.module import Classifier
+from repnet.reparam import reparameterize
 
 # What a checkpoint's weights and optimizer state are bound to: a resumed run keeps them.
 RESUMED_HPARAMS = ("architecture", "input_size", "optim")
@@ -112,6 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     final = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     summary = summarize(trainer, final[0] if final else {}, run_dir)
     if trainer.is_global_zero:
+        write_results(run_dir / "results.json", results(run, trainer, summary))
         print(summary_line(summary), flush=True)
     return summary
 
@@ -135,6 +142,34 @@ def summarize(trainer: pl.Trainer, final: dict[str, Any], run_dir: Path) -> dict
         "best_checkpoint": best.best_model_path or None if best else None,
         "last_checkpoint": str(last) if last.is_file() else None,
     }
+
+
+def results(run: Run, trainer: pl.Trainer, summary: dict[str, Any]) -> dict[str, Any]:
+    """``results.json``: the summary's figures, what the model costs trained and deployed
+    (parameters, MFLOPs per image), wall time, epochs, seed and versions."""
+    model = run.module.model.eval()
+    example = run.module.example_input_array
+    deployed = reparameterize(model)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return {
+        **{k: v for k, v in summary.items() if k != "tensorboard"},
+        "params": {"train": parameters(model), "deploy": parameters(deployed)},
+        "mflops_per_image": {
+            "train": mflops_per_image(model, example),
+            "deploy": mflops_per_image(deployed, example),
+        },
+        "wall_time_s": timer.time_elapsed("train") if timer is not None else None,
+        "epochs": trainer.current_epoch,
+        "seed": run.config["seed"],
+        "versions": {name: version(name) for name in ("repnet", "torch", "pytorch-lightning")},
+    }
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """JSON written whole: to a temporary name beside ``path``, then renamed."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def best_score(checkpoint: ModelCheckpoint) -> float | None:
@@ -228,3 +263,43 @@ class Preflight(HydraCallback):
 def is_run(path: Path) -> bool:
     """Whether ``path`` is a run directory: Hydra's records and a resolved config."""
     return (path / ".hydra").is_dir() or (path / "checkpoints").is_dir()
+
+
+SUMMARY_COLUMNS = ("best_val_acc", "final_val_acc", "deploy_val_acc", "max_rel_diff", "wall_time_s")
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback: after a multirun, ``summary.csv`` in the sweep directory and a printed
+    table, from each job's ``results.json``; a row per job, named by the overrides (its
+    folder's name) that differ between the jobs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        rows = [
+            {"run": path.parent.name, **json.loads(path.read_text())}
+            for path in sorted(sweep.glob("*/results.json"))
+        ]
+        if not rows:
+            return
+        shared = set.intersection(*(set(row["run"].split(",")) for row in rows))
+        for row in rows:  # named by what differs between the jobs
+            row["run"] = ",".join(o for o in row["run"].split(",") if o not in shared) or "-"
+        columns = ("run", *SUMMARY_COLUMNS)
+        with open(sweep / "summary.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(format_table(columns, rows))
+
+
+def format_table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
+    """Rows as aligned text columns; floats with 4 significant digits."""
+    cells = [columns] + [
+        tuple(
+            f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c))
+            for c in columns
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +140,7 @@ def test_tensorboard_events_hold_the_curves_and_the_reparameterization_view(defa
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/acc", "val/loss", "val/acc", "hp/val_acc"}
+    expected = {"train/loss", "train/acc", "val/loss", "val/acc", "hp/best_val_acc"}
     expected |= {"deploy/max_abs_diff", "deploy/val_acc", "lr-SGD/decay"}
     expected |= {f"branches/{name}" for name in ("kxk", "1xk", "kx1", "1x1", "identity")}
     assert expected <= scalars
@@ -150,12 +152,18 @@ def test_tensorboard_events_hold_the_curves_and_the_reparameterization_view(defa
     assert {"branch_share/kxk", "branch_share/identity"} <= set(events.Tags()["histograms"])
     hparams = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"])
-    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_acc"]
+    metric_tags = [m.name.tag for m in experiment.experiment.metric_infos]
+    assert metric_tags == ["hp/best_val_acc", "hp/max_rel_diff"]
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["architecture/block/branches"].string_value == "full"
-    hp_values = [e.value for e in events.Scalars("hp/val_acc")]
-    assert hp_values[0] > 0.1  # a real accuracy, not a placeholder
-    assert hp_values[-4:] == pytest.approx([e.value for e in events.Scalars("val/acc")])
+    hparams = start.session_start_info.hparams
+    assert hparams["block/branches"].string_value == "full"
+    assert hparams["model"].string_value == "tiny" and hparams["seed"].number_value == 0
+    assert {"data", "batch_size", "epochs", "precision", "optimizer", "lr"} <= set(hparams)
+    best = [e.value for e in events.Scalars("hp/best_val_acc")]
+    accuracies = [e.value for e in events.Scalars("val/acc")]
+    assert best[0] > 0.1  # a real accuracy, not a placeholder
+    assert best[-1] == pytest.approx(max(accuracies))
+    assert all(e.value < 1e-4 for e in events.Scalars("hp/max_rel_diff"))
 
 
 def test_resume_continues_epoch_optimizer_and_schedule(tmp_path):
@@ -212,12 +220,21 @@ def test_ddp_sim_trains_with_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_sweeps_block_presets(tmp_path):
-    result = run_cli("-m", "block=repvgg,acb", *QUICK, f"hydra.sweep.dir={tmp_path}")
+def test_multirun_sweeps_block_presets_into_folders_named_by_their_overrides(tmp_path):
+    result = run_cli(
+        "-m", "block=repvgg,acb", "trainer.max_epochs=1", *QUICK[1:], f"hydra.sweep.dir={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, preset in (("0", "repvgg"), ("1", "acb")):
-        assert OmegaConf.load(tmp_path / job / "config.yaml").block.branches == preset
-        assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+    for preset in ("repvgg", "acb"):
+        (job,) = tmp_path.glob(f"*block={preset},*")
+        assert OmegaConf.load(job / "config.yaml").block.branches == preset
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((job / "results.json").read_text())["epochs"] == 1
+    with open(tmp_path / "summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted(row["run"] for row in rows) == ["block=acb", "block=repvgg"]
+    assert all(0 <= float(row["best_val_acc"]) <= 1 for row in rows)
+    assert "best_val_acc" in result.stdout and "\nblock=acb " in result.stdout
 
 
 def test_missing_cifar_is_one_clear_error_line(tmp_path):
