@@ -18,7 +18,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -66,7 +66,7 @@ def prepare(cfg: DictConfig) -> Run:
         datamodule.setup("fit")
         module = build_module(config, datamodule)
     if config["ckpt_path"] is not None:
-        check_resumable(config["ckpt_path"], module.hparams)
+        check_resumable(config["ckpt_path"], module.hparams, config["trainer"])
     return Run(config, datamodule, module)
 
 
@@ -207,9 +207,10 @@ def summary_line(summary: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def check_resumable(path: str | Path, hparams: dict[str, Any]) -> None:
+def check_resumable(path: str | Path, hparams: dict[str, Any], trainer: dict[str, Any]) -> None:
     """Refuse a checkpoint of another model or optimizer, naming what differs (else Lightning
-    fails deep inside, or silently keeps the checkpoint's learning rate)."""
+    fails deep inside, or silently keeps the checkpoint's learning rate), and another
+    ``max_epochs`` than its run's ``config.yaml`` records (it reshapes the LR schedule)."""
     saved = load_checkpoint(path).hyper_parameters or {}
     found = [
         line
@@ -217,6 +218,10 @@ def check_resumable(path: str | Path, hparams: dict[str, Any]) -> None:
         if key in saved
         for line in differences(saved[key], hparams[key], key)
     ]
+    run_config = Path(path).parent.parent / "config.yaml"
+    if run_config.is_file():
+        epochs = OmegaConf.select(OmegaConf.load(run_config), "trainer.max_epochs")
+        found += differences(epochs, trainer.get("max_epochs"), "trainer.max_epochs")
     if found:
         raise UsageError(
             f"{path} was trained with another config ({'; '.join(found)}): resume with the "
@@ -245,7 +250,8 @@ def refuse(error: UsageError) -> None:
 class Preflight(HydraCallback):
     """Hydra callback: runs :func:`prepare` before Hydra makes the run directory, so a run
     refused for its config, data or checkpoint leaves nothing behind; refuses a run directory
-    that holds files but is no earlier run (a user's folder)."""
+    that holds files but is no earlier run (a user's folder); a run resumed into its own
+    directory keeps that run's ``.hydra/`` records and ``config.yaml``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         task = config.copy()
@@ -258,6 +264,9 @@ class Preflight(HydraCallback):
             prepare(task)
         except UsageError as error:
             refuse(error)
+        if is_run(run_dir):  # resumed into its own run: Hydra keeps the first run's records
+            with read_write(config):
+                config.hydra.output_subdir = None
 
 
 def is_run(path: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -199,12 +200,14 @@ def test_resume_continues_epoch_optimizer_and_schedule(tmp_path):
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``train.py`` in a subprocess; ``helpers`` (test callbacks) importable."""
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
     )
 
 
@@ -396,3 +399,23 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(t
     for path in (tmp_path / "checkpoints").glob("*.ckpt"):
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(t.isfinite().all() for t in state.values() if t.is_floating_point())
+
+
+def test_resuming_into_its_own_run_keeps_its_records_and_continues_its_curves(tmp_path):
+    run = tmp_path / "run"
+    crash = "+callbacks.crash={_target_:helpers.CrashAtEpochStart,epoch:1}"
+    quick = ["trainer.max_epochs=2", *QUICK[1:], f"hydra.run.dir={run}"]
+    crashed = run_cli(*quick, crash)
+    assert crashed.returncode == 1 and "RuntimeError: killed" in crashed.stderr
+    records = {p: p.read_bytes() for p in [run / "config.yaml", *(run / ".hydra").iterdir()]}
+    longer = run_cli(*quick[1:], "trainer.max_epochs=3", f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert longer.returncode == 1 and "trainer.max_epochs: 2 in the checkpoint" in longer.stderr
+    resumed = run_cli(*quick, f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert {p: p.read_bytes() for p in records} == records
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/acc")]
+    assert len(steps) >= 3 and steps == sorted(steps)  # one curve: epochs 1 and 2, then final
+    assert steps[0] < steps[-1] == 2 * 3  # the final step of epoch 2
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
