@@ -60,6 +60,7 @@ class TrainSettings(Strict):
 
     seed: Seed = 0
     label_smoothing: Fraction = 0.0
+    num_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     ckpt_path: FilePath | None = None
     paths: dict[str, str]
     data: dict[str, Any]
@@ -102,7 +103,10 @@ def signature_schema(target: Callable) -> type[BaseModel]:
     """A pydantic model of ``target``'s keyword arguments, from its signature and type hints
     (a class: its ``__init__``); extra keys are refused unless it takes ``**kwargs``."""
     function = target.__init__ if inspect.isclass(target) else target
-    hints = typing.get_type_hints(function, include_extras=True)
+    try:
+        hints = typing.get_type_hints(function, include_extras=True)
+    except NameError:  # a hint names a type imported only for type checkers: names only
+        hints = {}
     parameters = inspect.signature(function).parameters.values()
     fields = {
         p.name: (hints.get(p.name, Any), ... if p.default is p.empty else p.default)
@@ -115,13 +119,17 @@ def signature_schema(target: Callable) -> type[BaseModel]:
 
 
 def check_target(node: Mapping[str, Any], prefix: str, given: tuple[str, ...] = ()) -> None:
-    """A ``_target_`` node's options against the signature of what it builds."""
+    """A ``_target_`` node's options against the signature of what it builds; a nested
+    ``_target_`` node is checked the same way, in place of the value it builds."""
     try:
         target = get_object(node["_target_"])
     except Exception as error:  # Hydra raises several kinds for a name that does not import
         raise UsageError(f"{prefix}._target_: cannot import {node['_target_']!r}") from error
     options = {k: v for k, v in node.items() if not k.startswith("_")}
-    validate(signature_schema(target), options, prefix, given)
+    nested = {k: v for k, v in options.items() if isinstance(v, Mapping) and "_target_" in v}
+    for key, value in nested.items():
+        check_target(value, f"{prefix}.{key}")
+    validate(signature_schema(target), options, prefix, (*given, *nested))
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
@@ -158,8 +166,9 @@ def check_train_config(cfg: DictConfig) -> dict[str, Any]:
     for name, node in (values.get("callbacks") or {}).items():
         if node:
             check_target(node, f"callbacks.{name}")
-    if values.get("logger"):
-        check_target(values["logger"], "logger", given=("save_dir",))
+    for name, node in (values.get("logger") or {}).items():
+        if node:
+            check_target(node, f"logger.{name}", given=("save_dir",))
     optimizer, scheduler = values["optim"]["optimizer"], values["optim"].get("scheduler")
     options = {k: v for k, v in optimizer.items() if not k.startswith("_")}
     validate(OptimizerRanges, options, "optim.optimizer")

@@ -46,6 +46,7 @@ class Classifier(pl.LightningModule):
         num_classes = architecture["num_classes"]
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     @property
     def example_input_array(self) -> Tensor:
@@ -81,6 +82,18 @@ class Classifier(pl.LightningModule):
         self.log("val/loss", self.criterion(logits, labels), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
         return logits
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.log("test/loss", self.criterion(logits, labels), sync_dist=True)
+        self.log("test/acc", self.test_acc)
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """Class probabilities ``softmax(logits)`` of a batch of images (or ``(images, …)``)."""
+        images = batch[0] if isinstance(batch, tuple | list) else batch
+        return self(images).softmax(1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = {**DEFAULT_OPTIM, **(self.hparams.optim or {})}

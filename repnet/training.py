@@ -59,6 +59,8 @@ def prepare(cfg: DictConfig) -> Run:
     """Everything that can refuse a run, before anything is written: the config's values,
     the data (downloaded if it may be, then read), the model, a checkpoint to resume from."""
     config = check_train_config(cfg)
+    if config["num_threads"] is not None:
+        torch.set_num_threads(config["num_threads"])
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     with build_errors():
         datamodule = instantiate(cfg.data)
@@ -86,8 +88,9 @@ def build_module(config: dict[str, Any], datamodule) -> Classifier:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """``cfg.trainer`` with the configured callbacks and logger, writing into ``run_dir``."""
+    """``cfg.trainer`` with the configured callbacks and loggers, writing into ``run_dir``."""
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(lg, save_dir=str(run_dir)) for lg in (cfg.logger or {}).values() if lg]
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(run_dir / "checkpoints")
@@ -96,7 +99,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             cfg.trainer,
             _convert_="all",  # plain dicts and lists: Lightning takes max_time={hours: 1}
             callbacks=callbacks,
-            logger=instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False,
+            logger=loggers or False,
             # plugins=[AtomicCheckpointIO()],
             enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
             default_root_dir=str(run_dir),
@@ -138,7 +141,7 @@ def summarize(trainer: pl.Trainer, final: dict[str, Any], run_dir: Path) -> dict
         "best_val_acc": best_score(best) if best is not None else None,
         **{name: float(final[key]) if key in final else None for name, key in figures.items()},
         "run_dir": str(run_dir),
-        "tensorboard": isinstance(trainer.logger, TensorBoardLogger),
+        "tensorboard": any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers),
         "best_checkpoint": best.best_model_path or None if best else None,
         "last_checkpoint": str(last) if last.is_file() else None,
     }

@@ -26,7 +26,17 @@ from repnet.training import build_module, train
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
-    for group in ("data", "model", "block", "optim", "trainer", "callbacks", "logger", "experiment")
+    for group in (
+        "data",
+        "model",
+        "block",
+        "optim",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+        "debug",
+    )
 }
 
 
@@ -53,8 +63,10 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
     for callback in (cfg.callbacks or {}).values():
         if callback is not None:
             instantiate(callback)
-    if cfg.logger:
-        instantiate(cfg.logger, save_dir=str(tmp_path))
+    for logger in (cfg.logger or {}).values():
+        if option in ("wandb", "mlflow"):  # optional packages: their loggers need them
+            pytest.importorskip(option)
+        instantiate(logger, save_dir=str(tmp_path))
 
 
 def test_the_slurm_launcher_config_composes_and_takes_its_node_count_from_the_trainer():
@@ -100,7 +112,10 @@ def test_a_set_example_input_is_kept():
 
 @pytest.mark.parametrize(
     ("overrides", "tolerance"),
-    [(["trainer.precision=bf16-true"], 0.1), (["block=dynamic", "+logger.log_graph=true"], 1e-4)],
+    [
+        (["trainer.precision=bf16-true"], 0.1),
+        (["block=dynamic", "+logger.tensorboard.log_graph=true"], 1e-4),
+    ],
 )
 def test_options_that_touch_the_example_input_train_and_deploy(tmp_path, overrides, tolerance):
     """The summary's example image follows a ``bf16-true`` model's dtype, the final check
@@ -151,6 +166,15 @@ def test_tensorboard_events_hold_the_curves_and_the_reparameterization_view(defa
     shares = [events.Scalars(f"branches/{n}")[-1].value for n in ("kxk", "1xk", "kx1", "1x1")]
     assert all(0.0 < share < 1.0 for share in shares)
     assert {"branch_share/kxk", "branch_share/identity"} <= set(events.Tags()["histograms"])
+    blocks = {tag.split("/")[1] for tag in scalars if tag.startswith("blocks/")}
+    assert blocks == {"stages.0.0", "stages.1.0", "stages.1.1", "stages.2.0", "stages.2.1"}
+    assert {
+        f"blocks/stages.1.1/{name}" for name in ("kxk", "1xk", "kx1", "1x1", "identity")
+    } <= scalars
+    assert {f"skeleton/{block}" for block in blocks} == set(events.Tags()["images"])
+    picture = events.Images("skeleton/stages.1.1")[0]
+    assert (picture.width, picture.height) == (12 * (6 * 3 + 5), 12 * 3)  # fused + 5 branches
+    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
     hparams = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"])
     metric_tags = [m.name.tag for m in experiment.experiment.metric_infos]
@@ -419,3 +443,32 @@ def test_resuming_into_its_own_run_keeps_its_records_and_continues_its_curves(tm
     assert len(steps) >= 3 and steps == sorted(steps)  # one curve: epochs 1 and 2, then final
     assert steps[0] < steps[-1] == 2 * 3  # the final step of epoch 2
     assert json.loads((run / "results.json").read_text())["epochs"] == 2
+
+
+def test_loggers_many_and_the_dynamic_conv_view(tmp_path):
+    train(compose(["logger=many", "block=dynamic", *QUICK]), tmp_path)
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"dynamic/temperature", "dynamic/stages.1.1/entropy"} <= set(metrics)
+    assert {f"dynamic/stages.1.1/expert_{k}" for k in range(4)} <= set(metrics)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eval_py_reports_test_accuracy_of_a_checkpoint(default_run, tmp_path):
+    run_dir, summary = default_run
+    best = run_dir / "checkpoints" / "best.ckpt"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={best}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = float(result.stdout.split("test/acc ")[1].split()[0])
+    assert accuracy == pytest.approx(summary["best_val_acc"], abs=1e-4)  # test split = val split
+    wrong = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={best}", "data=fake"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert wrong.returncode == 1 and "data has 3 channels" in wrong.stderr
