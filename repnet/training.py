@@ -282,26 +282,35 @@ SUMMARY_COLUMNS = ("best_val_acc", "final_val_acc", "deploy_val_acc", "max_rel_d
 
 class SweepSummary(HydraCallback):
     """Hydra callback: after a multirun, ``summary.csv`` in the sweep directory and a printed
-    table, from each job's ``results.json``; a row per job, named by the overrides (its
-    folder's name) that differ between the jobs."""
+    table, from each job's ``results.json``; a row per job, named by its overrides that
+    differ between the jobs (``block=dbb,seed=1``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = [
-            {"run": path.parent.name, **json.loads(path.read_text())}
-            for path in sorted(sweep.glob("*/results.json"))
-        ]
-        if not rows:
+        jobs = sorted(path.parent for path in sweep.glob("*/results.json"))
+        if not jobs:
             return
-        shared = set.intersection(*(set(row["run"].split(",")) for row in rows))
-        for row in rows:  # named by what differs between the jobs
-            row["run"] = ",".join(o for o in row["run"].split(",") if o not in shared) or "-"
+        overrides = [job_overrides(job) for job in jobs]
+        shared = set.intersection(*(set(names) for names in overrides))
+        rows = [
+            {
+                "run": ",".join(o for o in names if o not in shared) or job.name,
+                **json.loads((job / "results.json").read_text()),
+            }
+            for job, names in zip(jobs, overrides)
+        ]
         columns = ("run", *SUMMARY_COLUMNS)
         with open(sweep / "summary.csv", "w", newline="") as file:
             writer = csv.DictWriter(file, columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         print(format_table(columns, rows))
+
+
+def job_overrides(job: Path) -> list[str]:
+    """The command-line overrides of a job, as Hydra recorded them in ``.hydra/``."""
+    path = job / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
 def format_table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:

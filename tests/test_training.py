@@ -247,13 +247,12 @@ def test_ddp_sim_trains_with_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_sweeps_block_presets_into_folders_named_by_their_overrides(tmp_path):
+def test_multirun_sweeps_block_presets_and_names_its_jobs_by_their_overrides(tmp_path):
     result = run_cli(
         "-m", "block=repvgg,acb", "trainer.max_epochs=1", *QUICK[1:], f"hydra.sweep.dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for preset in ("repvgg", "acb"):
-        (job,) = tmp_path.glob(f"*block={preset},*")
+    for preset, job in (("repvgg", tmp_path / "0"), ("acb", tmp_path / "1")):
         assert OmegaConf.load(job / "config.yaml").block.branches == preset
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((job / "results.json").read_text())["epochs"] == 1
@@ -472,3 +471,20 @@ def test_eval_py_reports_test_accuracy_of_a_checkpoint(default_run, tmp_path):
         cwd=tmp_path,
     )
     assert wrong.returncode == 1 and "data has 3 channels" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_an_optuna_search_maximises_the_accuracy_train_py_returns(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = run_cli(
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        *QUICK,
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = OmegaConf.load(tmp_path / "optimization_results.yaml").best_value
+    with open(tmp_path / "summary.csv") as file:
+        accuracies = [float(row["best_val_acc"]) for row in csv.DictReader(file)]
+    assert len(accuracies) == 2 and best == pytest.approx(max(accuracies))
