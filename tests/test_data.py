@@ -194,3 +194,23 @@ def test_the_registry_names_every_data_module():
     datamodule = DATAMODULES["fake"](num_classes=3, image_size=4)
     assert isinstance(datamodule, FakeDataModule)
     assert (datamodule.num_classes, datamodule.image_size) == (3, 4)
+
+
+def test_synthetic_images_are_shifted_smooth_class_patterns_at_the_given_signal():
+    data = FakeDataModule(
+        num_classes=2, image_size=16, train_size=4000, val_size=1, signal=0.5, pattern_size=4
+    )
+    data.setup()
+    patterns = data.patterns
+    assert patterns.std().item() == pytest.approx(0.5, rel=1e-3)
+    neighbours = (patterns[..., 1:] - patterns[..., :-1]).abs().mean() / patterns.abs().mean()
+    assert neighbours < 0.5  # smooth: upsampled from 4x4
+    images, labels = data.train_dataset.images, data.train_dataset.labels
+    mean = images[labels == 0].mean(0)
+    assert (mean - patterns[0]).abs().max() < 0.15  # the pattern under noise, unshifted
+    shifted = FakeDataModule(
+        num_classes=2, image_size=16, train_size=4000, val_size=1, signal=0.5, max_shift=3
+    )
+    shifted.setup()
+    blurred = shifted.train_dataset.images[shifted.train_dataset.labels == 0].mean(0)
+    assert (blurred - shifted.patterns[0]).abs().max() > 0.2  # shifts smear the average
