@@ -83,6 +83,7 @@ def block_geometry(draw, odd_kernels: bool = True):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "repnet" / "configs"
 
 # A short real run: two epochs of a few batches, no progress bar.
 QUICK = [
@@ -99,7 +100,7 @@ def compose(overrides: list[str] = (), return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3", job_name="test"):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3", job_name="test"):
         return hydra_compose(
             "train", overrides=list(overrides), return_hydra_config=return_hydra_config
         )

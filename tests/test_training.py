@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, ROOT, RecordStart, compose
+from helpers import CONFIGS, QUICK, ROOT, RecordStart, compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.model_summary import ModelSummary
@@ -25,7 +25,7 @@ from repnet.schedules import warmup_cosine
 from repnet.training import build_module, train
 
 GROUPS = {
-    group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+    group: sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
     for group in (
         "data",
         "model",
