@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from repnet.checkpoint_io import AtomicCheckpointIO
 from repnet.checkpoints import load_checkpoint
 from repnet.config import check_train_config
 from repnet.costs import mflops_per_image, parameters
@@ -100,7 +101,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             _convert_="all",  # plain dicts and lists: Lightning takes max_time={hours: 1}
             callbacks=callbacks,
             logger=loggers or False,
-            # plugins=[AtomicCheckpointIO()],
+            plugins=[AtomicCheckpointIO()],
             enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
             default_root_dir=str(run_dir),
         )

@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
+import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -488,3 +492,60 @@ def test_an_optuna_search_maximises_the_accuracy_train_py_returns(tmp_path):
     with open(tmp_path / "summary.csv") as file:
         accuracies = [float(row["best_val_acc"]) for row in csv.DictReader(file)]
     assert len(accuracies) == 2 and best == pytest.approx(max(accuracies))
+
+
+def limited_file_size(limit: int):
+    """A ``preexec_fn``: files over ``limit`` bytes fail with EFBIG (SIGXFSZ ignored)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *QUICK, "logger=csv", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=limited_file_size(400_000),
+    )
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train.py: error: cannot write ") and "too large" in last_line
+    assert not list((tmp_path / "checkpoints").glob("*"))  # no partial or temporary file
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_a_run_always_leaves_a_loadable_last_checkpoint(tmp_path):
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    command = [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=6", "logger=csv"]
+    command += ["callbacks.progress_bar=null", f"hydra.run.dir={run}"]
+    env = {**os.environ, "TMPDIR": "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)}
+    generator = random.Random(0)
+    for _ in range(3):
+        resume = [f"ckpt_path={last}"] if last.exists() else []
+        process = subprocess.Popen(
+            [*command, *resume],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(generator.uniform(6, 10))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if last.exists():
+            torch.load(last, weights_only=True)  # whole, whatever the moment
+    finished = subprocess.run(
+        [*command, *([f"ckpt_path={last}"] if last.exists() else [])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 5
+    assert not list(run.glob("checkpoints/.*"))  # no temporary file left behind
