@@ -5,7 +5,11 @@
 2. Whole-model conversion time of RepVGG-A0.
 3. Training step time and activation memory of one stage of blocks: plain conv,
    offline and online ``full`` and ``dbb``.
-4. Dynamic conv: one grouped conv vs a per-sample loop vs a static conv.
+4. Model scale: a training step (forward, backward, SGD) of RepVGG-A0 with every preset,
+   online and offline, against the plain net, with each step's peak memory; conversion
+   time per preset; and, when timm is installed, timm's ``repvgg_a0`` step and its
+   ``reparameterize_model`` in the same rounds. The targets of issue 19 are checked last.
+5. Dynamic conv: one grouped conv vs a per-sample loop vs a static conv.
 
 Every figure is the median of several repeats; compare ratios, not absolute times.
 """
@@ -25,7 +29,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from repnet.block import RepBlock
 from repnet.dynamic import DynamicConv2d
@@ -40,6 +46,7 @@ class Settings:
     batches: tuple[int, ...]
     stage: dict  # one stage of blocks for the training rows
     dynamic: tuple[tuple[int, int], ...]  # (channels, map size) for the dynamic conv rows
+    model_scale: dict  # the whole-model rows: model, classes, image, batch, rounds
 
 
 FULL = Settings(
@@ -48,6 +55,7 @@ FULL = Settings(
     batches=(1, 8),
     stage={"channels": 64, "blocks": 4, "image": 32, "batch": 32},
     dynamic=((32, 16), (64, 32), (64, 56)),
+    model_scale={"model": "repvgg_a0", "classes": 10, "image": 96, "batch": 32, "repeats": 9},
 )
 QUICK = Settings(
     repeats=3,
@@ -55,6 +63,7 @@ QUICK = Settings(
     batches=(1,),
     stage={"channels": 32, "blocks": 2, "image": 16, "batch": 16},
     dynamic=((32, 16),),
+    model_scale={"model": "repvgg_a0", "classes": 10, "image": 32, "batch": 2, "repeats": 1},
 )
 
 
@@ -204,6 +213,128 @@ def training_rows(settings: Settings) -> list[dict]:
     return rows
 
 
+COMPARED = ("repvgg", "acb", "full", "dbb")  # presets against the plain net at model scale
+TIMM = "timm repvgg_a0"
+
+
+def _timm():
+    """timm, or ``None`` where it is not installed (an optional extra, never needed to train)."""
+    try:
+        import timm
+        from timm.utils.model import reparameterize_model
+    except ImportError:
+        return None
+    return timm, reparameterize_model
+
+
+def _scale_model(variant: str, spec: dict) -> nn.Module:
+    """``plain``, ``"<online|offline> <preset>"`` or timm's model, seeded alike."""
+    torch.manual_seed(0)
+    if variant == TIMM:
+        return _timm()[0].create_model("repvgg_a0", num_classes=spec["classes"])
+    mode, _, preset = variant.rpartition(" ")
+    block = {"branches": preset, "online": mode == "online"}
+    return build_model(spec["model"], num_classes=spec["classes"], block=block)
+
+
+def _training_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def step_peak_megabytes(step: Callable[[], None]) -> float:
+    """The most memory PyTorch's allocator held at once during ``step()``, above what it held
+    before: activations, gradients and temporaries (parameters and, after a warm-up step,
+    optimizer state are held before). Read from the profiler's allocation events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        step()
+    events = [e for e in recorded.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def model_scale_rows(settings: Settings) -> dict:
+    """Training step and peak memory of every preset, online and offline, against the plain
+    net (and timm's ``repvgg_a0``), all in the same interleaved rounds; then conversion."""
+    spec = settings.model_scale
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(spec["batch"], 3, spec["image"], spec["image"], generator=generator)
+    y = torch.randint(0, spec["classes"], (spec["batch"],), generator=generator)
+    variants = ["plain", *(f"{m} {p}" for m in ("online", "offline") for p in COMPARED)]
+    if _timm() is not None:
+        variants.append(TIMM)
+    models = {variant: _scale_model(variant, spec).train() for variant in variants}
+    steps = {variant: _training_step(model, x, y) for variant, model in models.items()}
+    times = interleaved(steps, spec["repeats"])
+    peaks = {variant: step_peak_megabytes(step) for variant, step in steps.items()}
+    training = [
+        {
+            "variant": variant,
+            "step_ms": round(1e3 * times[variant][0], 1),
+            "step_vs_plain": round(ratio(times, variant, "plain"), 2),
+            "peak_MB": round(peaks[variant], 1),
+            "memory_vs_plain": round(peaks[variant] / peaks["plain"], 2),
+        }
+        for variant in variants
+    ]
+    conversions = {
+        variant: partial(reparameterize, model.eval())
+        for variant, model in models.items()
+        if variant != TIMM
+    }
+    if TIMM in models:
+        conversions[TIMM] = partial(_timm()[1], models[TIMM].eval())
+    converted = interleaved(conversions, spec["repeats"], warmup=1)
+    conversion = [
+        {
+            "variant": variant,
+            "convert_ms": round(1e3 * converted[variant][0], 1),
+            "vs_offline_repvgg": round(ratio(converted, variant, "offline repvgg"), 2),
+        }
+        for variant in conversions
+    ]
+    return {
+        "training": training,
+        "conversion": conversion,
+        "targets": targets(times, peaks, converted),
+    }
+
+
+def targets(times: dict, peaks: dict, converted: dict) -> list[dict]:
+    """Issue 19's targets, each as measured (ratios within this run) against its limit."""
+    rows = [
+        (f"online {p} step / plain", ratio(times, f"online {p}", "plain"), 1.25) for p in COMPARED
+    ]
+    rows.append(("offline dbb step / plain", ratio(times, "offline dbb", "plain"), 3.0))
+    rows += [
+        (f"online {p} peak memory / plain", peaks[f"online {p}"] / peaks["plain"], 1.2)
+        for p in COMPARED
+    ]
+    rows.append(("dbb conversion / repvgg", ratio(converted, "offline dbb", "offline repvgg"), 1.5))
+    if TIMM in times:
+        rows.append(("offline repvgg step / timm", ratio(times, "offline repvgg", TIMM), 1.0))
+        rows.append(
+            (
+                "dbb conversion / timm reparameterize_model",
+                ratio(converted, "offline dbb", TIMM),
+                1.0,
+            )
+        )
+    return [
+        {"target": name, "measured": round(value, 2), "limit": limit, "met": value <= limit}
+        for name, value, limit in rows
+    ]
+
+
 def dynamic_rows(settings: Settings, batch: int = 32) -> list[dict]:
     """Deployed dynamic conv (4 experts): one grouped conv vs the per-sample loop vs a static
     conv of the same shape, inference and a training step (forward + backward)."""
@@ -282,10 +413,15 @@ def run(settings: Settings, allocator: str = "system default") -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "settings": {"repeats": settings.repeats, "stage": settings.stage},
+        "settings": {
+            "repeats": settings.repeats,
+            "stage": settings.stage,
+            "model_scale": settings.model_scale,
+        },
         "inference": inference_rows(settings),
         "conversion": [conversion_row(settings)],
         "training": training_rows(settings),
+        "model_scale": model_scale_rows(settings),
         "dynamic": dynamic_rows(settings),
     }
 
@@ -302,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = run(QUICK if args.quick else FULL, allocator)
     for section in ("inference", "conversion", "training", "dynamic"):
         print(f"\n## {section}\n{format_table(results[section])}")
+    for part, rows in results["model_scale"].items():
+        print(f"\n## model scale: {part}\n{format_table(rows)}")
     temporary = args.json.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2))
     temporary.replace(args.json)

@@ -16,7 +16,7 @@ from repnet.branches import (
     resolve_branches,
     summed_kernel,
 )
-from repnet.kernels import Conv, of_conv2d, to_conv2d
+from repnet.kernels import Conv, of_conv2d, regroup, to_conv2d
 
 
 class RepBlock(nn.Module):
@@ -84,8 +84,9 @@ class RepBlock(nn.Module):
         return self.act(sum(branch(x) for branch in self.branches.values()))
 
     def branch_kernels(self) -> dict[str, Conv]:
-        """Each branch's equivalent conv (eval-mode statistics)."""
-        return {name: branch.kernel() for name, branch in self.branches.items()}
+        """Each branch's equivalent conv (eval-mode statistics) in the block's groups."""
+        groups = self.geometry.groups
+        return {name: regroup(branch.kernel(), groups) for name, branch in self.branches.items()}
 
     def branch_sum(self) -> Conv:
         """``Σ_b`` of the branch kernels, at the full kernel size."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 
 import torch
@@ -23,12 +23,12 @@ from repnet.kernels import (
     add,
     affine,
     apply_conv,
-    avgpool,
     compose,
     fuse_bn,
     identity,
     pad_to,
     pair,
+    regroup,
 )
 
 
@@ -58,9 +58,10 @@ def fuse_norm(norm: nn.Module, conv: Conv) -> Conv:
 
 
 class KernelOp(nn.Module):
-    """A bias-free linear op held as its kernel: learnable (a conv) or fixed (identity, pool)."""
+    """A bias-free linear op held as its kernel and run as a conv: learnable (a parameter), or
+    fixed (a non-persistent buffer: the constructor makes it, checkpoints leave it out)."""
 
-    def __init__(self, conv: Conv, learnable: bool, passthrough: bool = False):
+    def __init__(self, conv: Conv, learnable: bool):
         super().__init__()
         if learnable:
             self.weight = nn.Parameter(conv.weight)
@@ -68,19 +69,46 @@ class KernelOp(nn.Module):
             self.register_buffer("weight", conv.weight, persistent=False)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.groups = conv.groups
-        self.passthrough = passthrough
 
     def kernel(self) -> Conv:
         zeros = self.weight.new_zeros(self.weight.shape[0])
         return Conv(self.weight, zeros, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.passthrough:  # the identity: only its padding (or cropping) is left to do
-            ph, pw = self.padding
-            return F.pad(x, (pw, pw, ph, ph)) if (ph, pw) != (0, 0) else x
         return apply_conv(
             x, self.weight, None, self.stride, self.padding, self.dilation, self.groups
         )
+
+
+class Passthrough(KernelOp):
+    """The identity (a depthwise 1x1 of ones): only its padding, or cropping, is left to do."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph)) if (ph, pw) != (0, 0) else x
+
+
+class AveragePool(KernelOp):
+    """Average pooling, zeros counted, per channel: ``y = (box ∗ x)/(kh·kw)``, run as a
+    depthwise conv (on CPU several times faster than ``avg_pool2d`` forward and backward,
+    see benchmarks/README.md; and it takes any dilation). Its buffer is the box of ones,
+    exact in any dtype the module is cast to (a stored ``1/(kh·kw)`` cast from float32 to
+    float64 would keep float32's rounding)."""
+
+    def __init__(
+        self, channels: int, kernel_size: Pair, stride: Pair, padding: Pair, dilation: Pair
+    ):
+        box = torch.ones(channels, 1, *kernel_size)
+        conv = Conv(box, box.new_zeros(channels), stride, padding, dilation, channels)
+        super().__init__(conv, learnable=False)
+
+    def kernel(self) -> Conv:
+        box = super().kernel()
+        return replace(box, weight=box.weight / math.prod(box.kernel_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.kernel().weight
+        return apply_conv(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
 
 def conv_weight(*shape: int) -> Tensor:
@@ -214,8 +242,8 @@ _single(lambda g: (g.kernel_size[0], 1), "kx1")
 @register_branch("identity")
 def _identity(geo: Geometry, norm: NormFactory) -> Branch:
     padding = geo.padding_for((1, 1), "identity")
-    conv = identity(geo.out_channels, geo.groups, padding, geo.dilation)
-    return Branch(Stage(KernelOp(conv, learnable=False, passthrough=True), norm(geo.out_channels)))
+    conv = identity(geo.out_channels, padding, geo.dilation)
+    return Branch(Stage(Passthrough(conv, learnable=False), norm(geo.out_channels)))
 
 
 def _after_1x1(
@@ -242,8 +270,7 @@ def _kxk_after(geo: Geometry, mid: int) -> KernelOp:
 
 
 def _avg_after(geo: Geometry, mid: int) -> KernelOp:
-    pool = avgpool(mid, geo.kernel_size, geo.groups, geo.stride, (0, 0), geo.dilation)
-    return KernelOp(pool, learnable=False)
+    return AveragePool(mid, geo.kernel_size, geo.stride, (0, 0), geo.dilation)
 
 
 _after_1x1("1x1_kxk", _kxk_after, lambda g: g.in_channels)
@@ -328,11 +355,21 @@ def make_geometry(
     return Geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
 
 
-def build_branches(geo: Geometry, names: tuple[str, ...], norm: NormFactory) -> nn.ModuleDict:
+class BranchSet(nn.ModuleDict):
+    """A block's branches by name, and the geometry they line up with (not state)."""
+
+    def __init__(self, geometry: Geometry, branches: dict[str, Branch]):
+        super().__init__(branches)
+        self.geometry = geometry
+
+
+def build_branches(geo: Geometry, names: tuple[str, ...], norm: NormFactory) -> BranchSet:
     """The named branches for ``geo``, each stage ending in ``norm``."""
-    return nn.ModuleDict({name: BRANCHES[name](geo, norm) for name in names})
+    return BranchSet(geo, {name: BRANCHES[name](geo, norm) for name in names})
 
 
-def summed_kernel(branches: nn.ModuleDict, kernel_size: Pair) -> Conv:
-    """``Σ_b`` of the branch kernels, padded to the full ``kernel_size``."""
-    return pad_to(add(*(branch.kernel() for branch in branches.values())), kernel_size)
+def summed_kernel(branches: BranchSet, kernel_size: Pair) -> Conv:
+    """``Σ_b`` of the branch kernels, padded to the full ``kernel_size``, in the block's groups
+    (a sum of depthwise kernels alone, an identity's, would have finer ones)."""
+    total = add(*(branch.kernel() for branch in branches.values()))
+    return regroup(pad_to(total, kernel_size), branches.geometry.groups)

@@ -5,6 +5,10 @@ geometry — and every function here maps such values to new ones. Nothing holds
 state and everything is differentiable, so the same functions build the deploy
 kernel and (in online mode) the training kernel on every forward.
 
+Per-channel ops (the identity, an average pool) are depthwise convs (``groups = C``,
+weight ``[C, 1, kh, kw]``) and stay so: ``add`` puts them on the diagonal of the other
+parts, ``compose`` convolves them per channel; only ``regroup`` or ``dense`` spell them out.
+
 Conventions: ``F.conv2d`` is a cross-correlation,
 ``y[o, i, j] = b[o] + Σ_{c,u,v} W[o, c, u, v] · x[c, i·s - p + u·d, j·s - p + v·d]``
 with ``x`` zero outside the image. A negative padding crops the input.
@@ -114,72 +118,71 @@ def fuse_bn(
     return affine(conv, *bn_affine(mean, var, gamma, beta, eps))
 
 
-def _channel_diagonal(
-    channels: int, groups: int, kernel_size: Pair, value: float, like: Tensor | None
-) -> Tensor:
-    """``[C, C/g, kh, kw]`` weight mapping each channel to itself, every tap equal to ``value``."""
+def _per_channel(channels: int, kernel_size: Pair, value: float, like: Tensor | None) -> Tensor:
+    """A depthwise weight ``[C, 1, kh, kw]`` with every tap equal to ``value``."""
     options = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-    per_group = channels // groups
-    weight = torch.zeros(channels, per_group, *kernel_size, **options)
-    weight[torch.arange(channels), torch.arange(channels) % per_group] = value
-    return weight
+    return torch.full((channels, 1, *kernel_size), value, **options)
 
 
 def identity(
-    channels: int,
-    groups: int = 1,
-    padding: Pair = (0, 0),
-    dilation: Pair = (1, 1),
-    like: Tensor | None = None,
+    channels: int, padding: Pair = (0, 0), dilation: Pair = (1, 1), like: Tensor | None = None
 ) -> Conv:
-    """The identity as a 1x1 conv: ``W[o, o mod C/g] = 1``, ``b = 0``.
+    """The identity as a depthwise 1x1 conv: ``W[c, 0] = 1``, ``b = 0``, ``groups = C``.
 
     ``dilation`` does nothing to a 1x1, but ``pad_to`` spaces the taps it adds by it.
     """
-    weight = _channel_diagonal(channels, groups, (1, 1), 1.0, like)
-    return Conv(weight, weight.new_zeros(channels), (1, 1), padding, dilation, groups)
+    weight = _per_channel(channels, (1, 1), 1.0, like)
+    return Conv(weight, weight.new_zeros(channels), (1, 1), padding, dilation, channels)
 
 
 def avgpool(
     channels: int,
     kernel_size: Pair,
-    groups: int = 1,
     stride: Pair = (1, 1),
     padding: Pair = (0, 0),
     dilation: Pair = (1, 1),
     like: Tensor | None = None,
 ) -> Conv:
-    """Average pooling (zeros counted) as a conv: ``W[o, o mod C/g, u, v] = 1/(kh·kw)``."""
-    weight = _channel_diagonal(channels, groups, kernel_size, 1.0 / math.prod(kernel_size), like)
-    return Conv(weight, weight.new_zeros(channels), stride, padding, dilation, groups)
+    """Average pooling (zeros counted) as a depthwise conv: ``W[c, 0, u, v] = 1/(kh·kw)``."""
+    weight = _per_channel(channels, kernel_size, 1.0 / math.prod(kernel_size), like)
+    return Conv(weight, weight.new_zeros(channels), stride, padding, dilation, channels)
+
+
+def _margin(small: Pair, big: Pair) -> Pair:
+    """Taps on each side when a ``small`` kernel is centred in a ``big`` one: ``(K - k)/2``."""
+    grow = [b - s for s, b in zip(small, big)]
+    if any(g < 0 or g % 2 for g in grow):
+        raise ValueError(
+            f"cannot centre a {small} kernel in a {big} one: "
+            "sizes must differ by an even, non-negative amount per axis"
+        )
+    return (grow[0] // 2, grow[1] // 2)
+
+
+def _centred(conv: Conv, kernel_size: Pair) -> Pair:
+    """The padding of ``conv`` centred in a ``kernel_size`` kernel: ``p + d·(K - k)/2``."""
+    margin = _margin(conv.kernel_size, kernel_size)
+    return tuple(p + d * m for p, d, m in zip(conv.padding, conv.dilation, margin))  # type: ignore[return-value]
 
 
 def pad_to(conv: Conv, kernel_size: Pair) -> Conv:
     """Centre a kernel in a larger one; padding grows by ``d·(K - k)/2``, the function stays."""
-    grow = [big - small for big, small in zip(kernel_size, conv.kernel_size)]
-    if any(g < 0 or g % 2 for g in grow):
-        raise ValueError(
-            f"cannot centre a {conv.kernel_size} kernel in a {kernel_size} one: "
-            "sizes must differ by an even, non-negative amount per axis"
-        )
-    (gh, gw) = (grow[0] // 2, grow[1] // 2)
+    gh, gw = _margin(conv.kernel_size, kernel_size)
     if (gh, gw) == (0, 0):
         return conv
     weight = F.pad(conv.weight, (gw, gw, gh, gh))
-    padding = (conv.padding[0] + conv.dilation[0] * gh, conv.padding[1] + conv.dilation[1] * gw)
-    return replace(conv, weight=weight, padding=padding)
+    return replace(conv, weight=weight, padding=_centred(conv, kernel_size))
 
 
-def _aligned(convs: tuple[Conv, ...]) -> list[Conv]:
-    """Pad parallel convs to one kernel size; refuse those whose outputs would not line up.
-
-    A size-1 axis has no taps to space, so its dilation is taken from the others.
-    """
+def _aligned(convs: tuple[Conv, ...]) -> tuple[list[Conv], Pair]:
+    """Parallel convs with one tap spacing, and the kernel size that holds them all; refuses
+    those whose outputs would not line up. A size-1 axis has no taps to space, so its
+    dilation is taken from the others."""
     spacing = tuple(
         next((c.dilation[axis] for c in convs if c.kernel_size[axis] > 1), convs[0].dilation[axis])
         for axis in (0, 1)
     )
-    convs = tuple(
+    convs = [
         replace(
             c,
             dilation=tuple(
@@ -187,7 +190,7 @@ def _aligned(convs: tuple[Conv, ...]) -> list[Conv]:
             ),
         )
         for c in convs
-    )
+    ]
     first = convs[0]
     for conv in convs[1:]:
         for field in ("stride", "dilation", "in_channels", "reach"):
@@ -198,22 +201,59 @@ def _aligned(convs: tuple[Conv, ...]) -> list[Conv]:
                     "their outputs do not line up, so they cannot be merged"
                 )
     size = tuple(max(c.kernel_size[axis] for c in convs) for axis in (0, 1))
-    return [pad_to(c, size) for c in convs]  # type: ignore[arg-type]
+    return convs, size  # type: ignore[return-value]
+
+
+def _accumulate(total: Tensor, conv: Conv, groups: int) -> None:
+    """``total += conv.weight`` in place, for ``total`` of ``groups`` groups dividing
+    ``conv.groups = r·groups`` and a kernel at least as large: each of ``conv``'s groups
+    lands on its diagonal block, ``total[o, (j mod r)·C/g + c] += W[o, c]`` (``j`` the
+    group of ``o``), its taps centred. Nothing else of ``total`` is read or written."""
+    merged = conv.groups // groups
+    out_per_group, in_per_group = conv.out_channels // conv.groups, conv.weight.shape[1]
+    (kh, kw), (th, tw) = conv.kernel_size, total.shape[-2:]
+    mh, mw = _margin((kh, kw), (th, tw))
+    blocks = total.view(groups, merged, out_per_group, merged, in_per_group, th, tw)
+    window = blocks.diagonal(dim1=1, dim2=3)[..., mh : mh + kh, mw : mw + kw, :]
+    parts = conv.weight.reshape(groups, merged, out_per_group, in_per_group, kh, kw)
+    window += parts.movedim(1, -1)
+
+
+def _merged(convs: list[Conv], kernel_size: Pair, groups: int) -> Tensor:
+    """``Σ`` of the weights of lined-up convs as one ``[O, C/groups, *kernel_size]`` weight.
+
+    Parts already in ``groups`` are centred and summed; finer-grouped ones (depthwise: an
+    identity, a pool) are then added onto their diagonal blocks in place, never made dense.
+    """
+    coarse = [pad_to(c, kernel_size).weight for c in convs if c.groups == groups]
+    fine = [c for c in convs if c.groups != groups]
+    if not fine:
+        return reduce(torch.add, coarse)
+    first = convs[0]
+    zeros = first.weight.new_zeros(first.out_channels, first.in_channels // groups, *kernel_size)
+    total = sum(coarse, zeros)  # a tensor of our own, to add into
+    for conv in fine:
+        _accumulate(total, conv, groups)
+    return total
 
 
 def add(*convs: Conv) -> Conv:
-    """Parallel branches summed: ``Σ_i conv_i(x)`` is one conv with ``W = Σ W_i``, ``b = Σ b_i``."""
+    """Parallel branches summed: ``Σ_i conv_i(x)`` is one conv with ``W = Σ W_i``, ``b = Σ b_i``.
+
+    The sum has the coarsest grouping of the parts, ``g = gcd(g_i)``; a depthwise part (an
+    identity, a pool) only adds onto the diagonal: ``W[o, o mod C/g] += d[o]``.
+    """
     channels = [c.out_channels for c in convs]
     if len(set(channels)) > 1:
         raise ValueError(f"parallel convs to add need equal out_channels, got {channels}")
-    aligned = _aligned(convs)
-    groups = {c.groups for c in aligned}
-    if len(groups) > 1:
-        aligned = [dense(c) for c in aligned]
+    aligned, size = _aligned(convs)
+    groups = math.gcd(*(c.groups for c in aligned))
     return replace(
         aligned[0],
-        weight=reduce(torch.add, (c.weight for c in aligned)),
+        weight=_merged(aligned, size, groups),
         bias=reduce(torch.add, (c.bias for c in aligned)),
+        padding=_centred(aligned[0], size),
+        groups=groups,
     )
 
 
@@ -222,27 +262,31 @@ def concat(*convs: Conv) -> Conv:
 
     Grouped convs are made dense first: stacking would otherwise interleave the groups.
     """
-    aligned = _aligned(convs)
+    aligned, size = _aligned(convs)
     if any(c.groups > 1 for c in aligned):
         aligned = [dense(c) for c in aligned]
     return replace(
         aligned[0],
-        weight=torch.cat([c.weight for c in aligned]),
+        weight=torch.cat([pad_to(c, size).weight for c in aligned]),
         bias=torch.cat([c.bias for c in aligned]),
+        padding=_centred(aligned[0], size),
     )
+
+
+def regroup(conv: Conv, groups: int) -> Conv:
+    """The same conv with fewer groups (``groups`` dividing ``conv.groups``): each new group's
+    weight is block-diagonal over the old groups it merges (``W[o, o mod C/g]`` for a
+    depthwise conv)."""
+    if conv.groups == groups:
+        return conv
+    if groups < 1 or conv.groups % groups:
+        raise ValueError(f"cannot regroup a conv of {conv.groups} groups into {groups}")
+    return replace(conv, weight=_merged([conv], conv.kernel_size, groups), groups=groups)
 
 
 def dense(conv: Conv) -> Conv:
     """A grouped conv as an ungrouped one with a block-diagonal weight ``[O, C, kh, kw]``."""
-    if conv.groups == 1:
-        return conv
-    g, out_per_group = conv.groups, conv.out_channels // conv.groups
-    blocks = conv.weight.reshape(g, out_per_group, *conv.weight.shape[1:])
-    rows = [
-        torch.cat([blocks[i] if j == i else torch.zeros_like(blocks[i]) for j in range(g)], dim=1)
-        for i in range(g)
-    ]
-    return replace(conv, weight=torch.cat(rows), groups=1)
+    return regroup(conv, 1)
 
 
 def dilate(weight: Tensor, factor: Pair) -> Tensor:
@@ -272,6 +316,76 @@ def _tap_spacing(first: Conv, second: Conv) -> tuple[Pair, Pair, Pair]:
     return tuple(spacing), tuple(first_step), tuple(second_step)  # type: ignore[return-value]
 
 
+def _convolve_pairs(a: Tensor, b: Tensor) -> Tensor:
+    """Full true convolution of the last two axes, the leading axes broadcast:
+    ``out[i] = a[i] ∗ b[i]``. With a single tap on either side, a product."""
+    if a.shape[-2:] == (1, 1) or b.shape[-2:] == (1, 1):
+        return a * b
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = a.expand(*batch, *a.shape[-2:]), b.expand(*batch, *b.shape[-2:])
+    (ah, aw), (bh, bw) = a.shape[-2:], b.shape[-2:]
+    out = conv2d(
+        a.reshape(1, -1, ah, aw),
+        b.reshape(-1, 1, bh, bw),
+        padding=(bh - 1, bw - 1),
+        groups=math.prod(batch),
+    )
+    return out.view(*batch, *out.shape[-2:])
+
+
+def _grouped_product(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
+    """``K[o, c] = Σ_m W₂[o, m] ∗ W₁[m, c]`` within each of ``groups`` groups.
+
+    A matrix product when either kernel is a single tap; otherwise one grouped true
+    convolution with ``W₂`` as the input and ``W₁`` as the kernel.
+    """
+    g, out_channels, mid, in_per_group = groups, w2.shape[0], w1.shape[0], w1.shape[1]
+    by_group2 = w2.reshape(g, out_channels // g, mid // g, *w2.shape[2:])
+    by_group1 = w1.reshape(g, mid // g, in_per_group, *w1.shape[2:])
+    if w1.shape[2:] == (1, 1):
+        weight = torch.einsum("gomhw,gmc->gochw", by_group2, by_group1.flatten(2))
+    elif w2.shape[2:] == (1, 1):
+        weight = torch.einsum("gom,gmchw->gochw", by_group2.flatten(2), by_group1)
+    else:
+        taps = w1.shape[2:]
+        weight = conv2d(
+            by_group2.transpose(0, 1).reshape(out_channels // g, mid, *w2.shape[2:]),
+            by_group1.transpose(1, 2).reshape(g * in_per_group, mid // g, *taps),
+            padding=(taps[0] - 1, taps[1] - 1),
+            groups=g,
+        )
+        return (
+            weight.reshape(out_channels // g, g, in_per_group, *weight.shape[2:])
+            .transpose(0, 1)
+            .reshape(out_channels, in_per_group, *weight.shape[2:])
+        )
+    return weight.reshape(out_channels, in_per_group, *weight.shape[3:])
+
+
+def _composed_weight(first: Conv, second: Conv, w1: Tensor, w2: Tensor) -> tuple[Tensor, int]:
+    """The weight of ``second ∘ first`` from their tap-spaced weights, and its groups.
+
+    A depthwise ``second`` (``W₂ [O, 1, …]``, ``m = O/M`` outputs per channel) convolves
+    each row of ``W₁`` with its own kernels, ``K[o, c] = W₂[o] ∗ W₁[o // m, c]``, in
+    ``first``'s groups; a depthwise ``first`` of one output per channel is the mirror case,
+    ``K[o, c] = W₂[o, c] ∗ W₁[c']`` (``c'`` the channel ``c`` is within ``o``'s group), in
+    ``second``'s groups. Otherwise both take their coarsest common grouping.
+    """
+    out_channels, mid = second.out_channels, first.out_channels
+    if second.weight.shape[1] == 1:
+        w2 = w2.reshape(mid, out_channels // mid, 1, *w2.shape[2:])
+        return _convolve_pairs(w1.unsqueeze(1), w2).flatten(0, 1), first.groups
+    if first.weight.shape[1] == 1 and first.in_channels == mid:
+        g = second.groups
+        w1 = w1.reshape(g, 1, mid // g, *w1.shape[2:])
+        w2 = w2.reshape(g, out_channels // g, mid // g, *w2.shape[2:])
+        return _convolve_pairs(w2, w1).flatten(0, 1), g
+    g = math.gcd(first.groups, second.groups)
+    w1 = regroup(replace(first, weight=w1), g).weight
+    w2 = regroup(replace(second, weight=w2), g).weight
+    return _grouped_product(w1, w2, g), g
+
+
 def compose(first: Conv, second: Conv) -> Conv:
     """``second ∘ first`` as one conv: ``W = W₂ ∗ W₁`` (true convolution), ``b = b₂ + Σ W₂·b₁``.
 
@@ -281,37 +395,21 @@ def compose(first: Conv, second: Conv) -> Conv:
     that, exactly, everywhere. The naive sequence (``second`` zero-padding the
     intermediate map) equals it when ``p₂ = 0``, or when ``first`` pads fully
     (``p₁ ≥ d₁(k₁-1)``, so its output beyond the map is ``b₁``) and ``b₁ = 0``.
+    A depthwise side (identity, pool) is composed per channel, never made dense.
     """
     if first.out_channels != second.in_channels:
         raise ValueError(
             f"cannot compose: first gives {first.out_channels} channels, "
             f"second takes {second.in_channels}"
         )
-    if first.groups != second.groups:
-        first, second = dense(first), dense(second)
     spacing, first_step, second_step = _tap_spacing(first, second)
     w1, w2 = dilate(first.weight, first_step), dilate(second.weight, second_step)
-    g = first.groups
-    out_channels, mid, in_per_group = second.out_channels, first.out_channels, w1.shape[1]
-    # Per group: K[o, c] = Σ_m W₂[o, m] ∗ W₁[m, c], one grouped true convolution with W₂ as input.
-    signal = w2.reshape(g, out_channels // g, mid // g, *w2.shape[2:]).transpose(0, 1)
-    kernel = w1.reshape(g, mid // g, in_per_group, *w1.shape[2:]).transpose(1, 2)
-    taps = w1.shape[2:]
-    weight = conv2d(
-        signal.reshape(out_channels // g, mid, *w2.shape[2:]),
-        kernel.reshape(g * in_per_group, mid // g, *taps),
-        padding=(taps[0] - 1, taps[1] - 1),
-        groups=g,
-    )
-    weight = (
-        weight.reshape(out_channels // g, g, in_per_group, *weight.shape[2:])
-        .transpose(0, 1)
-        .reshape(out_channels, in_per_group, *weight.shape[2:])
-    )
+    weight, groups = _composed_weight(first, second, w1, w2)
+    g2, out_channels = second.groups, second.out_channels
     carried = torch.einsum(
         "gom,gm->go",
-        second.weight.sum((2, 3)).reshape(g, out_channels // g, mid // g),
-        first.bias.reshape(g, mid // g),
+        second.weight.sum((2, 3)).reshape(g2, out_channels // g2, -1),
+        first.bias.reshape(g2, -1),
     ).reshape(out_channels)
     return Conv(
         weight=weight,
@@ -322,7 +420,7 @@ def compose(first: Conv, second: Conv) -> Conv:
             first.padding[1] + first.stride[1] * second.padding[1],
         ),
         dilation=spacing,
-        groups=g,
+        groups=groups,
     )
 
 

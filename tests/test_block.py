@@ -7,6 +7,7 @@ import torch
 from helpers import block_geometry, deploy_twin_error, randomize_norms, relative_error
 from hypothesis import example, given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from repnet import PRESETS, RepBlock
 from repnet.block import branch_shares
@@ -206,3 +207,45 @@ def test_branch_shares_of_a_block_sum_to_one_and_skip_deployed_blocks():
 def test_an_identity_with_an_even_kernel_says_so():
     with pytest.raises(ValueError, match="even kernel"):
         RepBlock(4, 4, kernel_size=(3, 2), branches=["kxk", "identity"])
+
+
+def norm_keys(prefix: str) -> set[str]:
+    stats = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    return {f"{prefix}.norm.{name}" for name in stats}
+
+
+def test_checkpoint_keys_of_the_train_form_are_pinned():
+    """The pool's and the identity's kernels are non-persistent: checkpoints hold only what
+    is learned, under the same keys as ever."""
+    block = RepBlock(4, 4, branches="dbb")
+    expected = {
+        "branches.kxk.0.op.weight",
+        "branches.1x1.0.op.weight",
+        "branches.1x1_kxk.0.op.weight",
+        "branches.1x1_kxk.1.op.weight",
+        "branches.1x1_avg.0.op.weight",
+    }
+    for stage in ("kxk.0", "1x1.0", "1x1_kxk.0", "1x1_kxk.1", "1x1_avg.0", "1x1_avg.1"):
+        expected |= norm_keys(f"branches.{stage}")
+    assert set(block.state_dict()) == expected
+    assert "branches.1x1_avg.1.op.weight" in dict(block.named_buffers())
+    identity = RepBlock(4, 4, branches="repvgg")
+    assert "branches.identity.0.op.weight" in dict(identity.named_buffers())
+    assert "branches.identity.0.op.weight" not in identity.state_dict()
+
+
+def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def test_pool_and_identity_branches_run_per_channel_not_as_dense_convs():
+    """1x1_avg: the padded 1x1, then a depthwise box (C·9 MACs per pixel, not C²·9); the
+    identity: no FLOPs at all."""
+    channels, x = 16, torch.randn(2, 16, 9, 7)
+    pool = RepBlock(channels, channels, branches=["1x1_avg"], act=None)
+    one_by_one = 2 * channels * channels * 2 * 11 * 9  # out channels × in × batch × 11x9 map
+    box = 2 * channels * 9 * 2 * 9 * 7
+    assert forward_flops(pool, x) == one_by_one + box
+    assert forward_flops(RepBlock(channels, channels, branches=["identity"], act=None), x) == 0

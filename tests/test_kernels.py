@@ -11,6 +11,7 @@ from helpers import relative_error
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from repnet import kernels
 from repnet.kernels import Conv
@@ -18,11 +19,19 @@ from repnet.kernels import Conv
 TOLERANCE = 1e-10
 
 
-def random_conv(draw, in_channels=None, groups=None, kernel=None, stride=None, dilation=None):
+def random_conv(
+    draw,
+    in_channels=None,
+    groups=None,
+    kernel=None,
+    stride=None,
+    dilation=None,
+    out_channels=None,
+):
     """A random :class:`Conv` in float64; any argument given is kept."""
     groups = groups or draw(st.sampled_from([1, 1, 2, 3]))
     in_channels = in_channels or groups * draw(st.integers(1, 3))
-    out_channels = groups * draw(st.integers(1, 3))
+    out_channels = out_channels or groups * draw(st.integers(1, 3))
     kernel = kernel or (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     stride = stride or (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     dilation = dilation or (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -147,33 +156,46 @@ def test_dilate_turns_dilation_into_zero_taps(conv, extra, factor):
     assert_close(dilated(x), spread(x))
 
 
-@given(
-    channels=st.integers(1, 6),
-    groups=st.sampled_from([1, 2]),
-    padding=st.tuples(st.integers(-1, 2), st.integers(-1, 2)),
-)
-def test_identity_kernel_is_the_identity(channels, groups, padding):
-    channels *= groups
+@given(channels=st.integers(1, 6), padding=st.tuples(st.integers(-1, 2), st.integers(-1, 2)))
+def test_identity_kernel_is_the_identity(channels, padding):
     x = torch.randn(2, channels, 7, 6, dtype=torch.float64)
-    conv = kernels.identity(channels, groups, padding, like=x)
+    conv = kernels.identity(channels, padding, like=x)
+    assert conv.weight.shape == (channels, 1, 1, 1) and conv.groups == channels
     ph, pw = padding
     assert_close(F.pad(x, (pw, pw, ph, ph)), conv(x))
 
 
 @given(
-    channels=st.integers(1, 4),
-    groups=st.sampled_from([1, 2]),
+    channels=st.integers(1, 6),
     kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     data=st.data(),
 )
-def test_avgpool_kernel_equals_avg_pool2d(channels, groups, kernel, stride, data):
-    channels *= groups
+def test_avgpool_kernel_equals_avg_pool2d(channels, kernel, stride, data):
     padding = tuple(data.draw(st.integers(0, k // 2)) for k in kernel)
     x = torch.randn(2, channels, 9, 8, dtype=torch.float64)
-    conv = kernels.avgpool(channels, kernel, groups, stride, padding, like=x)
+    conv = kernels.avgpool(channels, kernel, stride, padding, like=x)
+    assert conv.weight.shape == (channels, 1, *kernel) and conv.groups == channels
     expected = F.avg_pool2d(x, kernel, stride, padding, count_include_pad=True)
     assert_close(expected, conv(x))
+
+
+@given(conv=convs, extra=extras, data=st.data())
+def test_regroup_keeps_the_function_in_any_coarser_grouping(conv, extra, data):
+    groups = data.draw(
+        st.sampled_from([g for g in range(1, conv.groups + 1) if conv.groups % g == 0])
+    )
+    regrouped = kernels.regroup(conv, groups)
+    assert regrouped.groups == groups
+    assert regrouped.weight.shape[1] == conv.in_channels // groups
+    x = random_input(conv, extra)
+    assert_close(conv(x), regrouped(x))
+
+
+def test_regroup_refuses_a_grouping_that_does_not_divide():
+    conv = Conv(torch.ones(6, 1, 1, 1), torch.zeros(6), groups=6)
+    with pytest.raises(ValueError, match="cannot regroup"):
+        kernels.regroup(conv, 4)
 
 
 @given(
@@ -228,6 +250,85 @@ def test_compose_equals_the_naive_sequence_when_second_has_no_padding(pair, extr
     composed = kernels.compose(first, second)
     x = random_input(composed, extra)
     assert_close(second(first(x)), composed(x))
+
+
+@st.composite
+def sequences_with_a_depthwise_side(draw):
+    """``first`` then ``second``, one of them depthwise (``[O, 1, kh, kw]``, ``O = m·C``: a pool,
+    an identity, a channel multiplier), the other of any groups, stride and dilation."""
+    if draw(st.booleans()):
+        first = random_conv(draw)
+        second = random_conv(draw, in_channels=first.out_channels, groups=first.out_channels)
+    else:
+        channels = draw(st.sampled_from([1, 2, 3, 4, 6]))
+        first = random_conv(draw, in_channels=channels, groups=channels)
+        mid = first.out_channels
+        divisors = [g for g in (1, 2, 3, mid) if mid % g == 0]
+        second = random_conv(draw, in_channels=mid, groups=draw(st.sampled_from(divisors)))
+    padding = tuple(max(0, p) for p in second.padding)
+    return first, replace(second, padding=padding)
+
+
+@given(pair=sequences_with_a_depthwise_side(), extra=extras)
+def test_compose_with_a_depthwise_side_is_exact_and_keeps_the_other_sides_groups(pair, extra):
+    first, second = pair
+    composed = kernels.compose(first, second)
+    x = random_input(composed, extra)
+    assert_close(run_exactly(first, second, x), composed(x))
+    if second.weight.shape[1] == 1:
+        assert composed.groups == first.groups
+    elif first.out_channels == first.in_channels:  # a depthwise first of one output per channel
+        assert composed.groups == second.groups
+
+
+def test_a_depthwise_second_stage_is_composed_without_a_dense_product():
+    """A 1x1 then a 3x3 average pool over 256 channels: each 1x1 row times its box (an outer
+    product, no conv or matrix FLOPs), not a 256x256 conv; the 1x1's grouping is kept."""
+    first = Conv(torch.randn(256, 32, 1, 1), torch.randn(256), padding=(1, 1), groups=2)
+    pool = kernels.avgpool(256, (3, 3), stride=(2, 2))
+    with FlopCounterMode(display=False) as counter:
+        composed = kernels.compose(first, pool)
+    assert counter.get_total_flops() == 0
+    assert composed.weight.shape == (256, 32, 3, 3) and composed.groups == 2
+    x = torch.randn(1, 64, 9, 8)
+    expected = F.avg_pool2d(first(x), 3, 2)
+    assert torch.allclose(composed(x), expected, atol=1e-5)
+
+
+@st.composite
+def parallel_with_depthwise(draw):
+    """A grouped (or dense) main conv of ``O = m·C`` outputs and depthwise convs lined up with
+    it (1x1, full size, 1xk), in any order."""
+    groups = draw(st.sampled_from([1, 2, 3]))
+    channels = groups * draw(st.integers(1, 2))
+    main = random_conv(
+        draw,
+        in_channels=channels,
+        groups=groups,
+        out_channels=channels * draw(st.integers(1, 2)),
+        kernel=(draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3]))),
+    )
+    if draw(st.booleans()):
+        main = kernels.dense(main)
+    parts = [main]
+    for size in [(1, 1), main.kernel_size, (1, main.kernel_size[1])]:
+        generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        padding = tuple(
+            p - d * (big - small) // 2
+            for p, d, big, small in zip(main.padding, main.dilation, main.kernel_size, size)
+        )
+        weight = torch.randn(main.out_channels, 1, *size, generator=generator, dtype=torch.float64)
+        bias = torch.randn(main.out_channels, generator=generator, dtype=torch.float64)
+        parts.append(replace(main, weight=weight, bias=bias, padding=padding, groups=channels))
+    return draw(st.permutations(parts))
+
+
+@given(branches=parallel_with_depthwise(), extra=extras)
+def test_add_puts_depthwise_kernels_on_the_diagonal_of_the_coarsest_grouping(branches, extra):
+    x = random_input(branches[0], extra)
+    merged = kernels.add(*branches)
+    assert merged.groups == min(conv.groups for conv in branches)
+    assert_close(sum(conv(x) for conv in branches), merged(x))
 
 
 def seeded_conv(shape: tuple[int, ...], padding: tuple[int, int], bias: bool = True) -> Conv:

@@ -18,6 +18,7 @@ from helpers import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from repnet import PRESETS, RepBlock
 from repnet.branches import BRANCHES, ChannelScale
@@ -103,11 +104,21 @@ def test_quick_bench_runs_and_writes_its_json(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     results = json.loads(path.read_text())
-    assert {"inference", "conversion", "training"} <= set(results)
+    assert {"inference", "conversion", "training", "model_scale"} <= set(results)
     stages = [row["stage"] for row in results["training"]]
     assert stages == ["plain conv", "offline full", "online full", "offline dbb", "online dbb"]
     assert all(row["deploy/plain"] > 0 for row in results["inference"])
     assert "## training" in result.stdout
+    scale = results["model_scale"]
+    presets = [
+        f"{mode} {p}" for mode in ("online", "offline") for p in ("repvgg", "acb", "full", "dbb")
+    ]
+    trained = [row["variant"] for row in scale["training"]]
+    assert trained[: 1 + len(presets)] == ["plain", *presets]
+    assert all(row["step_ms"] > 0 and row["peak_MB"] > 0 for row in scale["training"])
+    assert [row["variant"] for row in scale["conversion"]][: len(trained)] == trained
+    assert all(isinstance(row["met"], bool) for row in scale["targets"])
+    assert "## model scale: targets" in result.stdout
 
 
 @given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
@@ -117,3 +128,20 @@ def test_online_blocks_deploy_to_the_plain_deploy_form(geometry, preset):
     assert deploy_twin_error(block, geometry, preset, sample(geometry)) <= 1e-10
     assert set(block.state_dict()) == {"fused.weight", "fused.bias"}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in block.modules())
+
+
+def kernel_flops(block: RepBlock) -> int:
+    with FlopCounterMode(display=False) as counter:
+        block.branch_sum()
+    return counter.get_total_flops()
+
+
+def test_online_kernels_need_a_matrix_product_only_for_the_1x1_kxk_branch():
+    """Building the summed kernel scales, pads and adds; the pool's composition is an outer
+    product and the identity lands on the diagonal: no FLOPs. Only 1x1→kxk multiplies
+    matrices: ``2·O·kh·kw·(C/g)·(M/g)`` for the kernel, ``2·O·(M/g)`` for the 1x1's bias
+    carried through ``Σ W₂``."""
+    cheap = RepBlock(12, 12, branches=["kxk", "1x1", "identity", "1x1_avg"], online=True)
+    assert kernel_flops(cheap) == 0
+    grouped = RepBlock(12, 12, (3, 5), groups=3, branches=["1x1_kxk"], online=True)
+    assert kernel_flops(grouped) == 2 * 12 * 4 * (3 * 5 * 4 + 1)
