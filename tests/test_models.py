@@ -9,10 +9,13 @@ from helpers import randomize_norms
 import repnet
 from repnet import RepBlock
 from repnet.dynamic import DynamicConv2d
-from repnet.models import MODELS, build_model, repvgg_a0
+from repnet.models import MODELS, SPECS, PlainNet, PlainSpec, build_model, repvgg_a0
+
+# The grouped and SE sizes are rows of the same table: a small spec stands for them below.
+VARIANTS = {name for name, spec in SPECS.items() if spec.groups > 1 or spec.se}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - VARIANTS))
 def test_every_model_deploys_to_the_same_logits(name):
     torch.manual_seed(0)
     options = {"block": "dbb", "stem": "small"} if name == "resnet18" else {"block": "full"}
@@ -84,3 +87,27 @@ def test_the_deploy_skeleton_is_derived_from_the_train_form_and_loads_strictly(n
     assert not any(t.is_meta for t in [*direct.parameters(), *direct.buffers()])
     x = torch.randn(3, 1, 32, 32)
     assert torch.allclose(trained(x), direct(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["repvgg", "dbb", {"kind": "dynamic"}])
+def test_grouped_and_squeeze_excite_specs_deploy_to_the_same_logits(block):
+    """Groups on every other block of a stage, SE between each block's sum and its ReLU."""
+    torch.manual_seed(0)
+    spec = PlainSpec((1, 2, 3), (16, 16, 32), (2, 1, 2), groups=2, se=True)
+    model = randomize_norms(PlainNet(spec, num_classes=5, block=block)).double().eval()
+    blocks = [m for m in model.modules() if isinstance(m, (RepBlock, DynamicConv2d))]
+    assert [b.geometry.groups for b in blocks] == [1, 1, 2, 1, 2, 1]
+    assert all(type(b.act[0]).__name__ == "SqueezeExcite" for b in blocks)
+    x = torch.randn(2, 3, 17, 15, dtype=torch.float64)
+    deployed = repnet.reparameterize(model)
+    assert repnet.verify(model, deployed, x).max_rel <= 1e-10
+
+
+def test_repvgg_grouped_sizes_follow_the_paper():
+    """Parameter counts of the deploy forms (the RepVGG paper's table, in millions)."""
+    for name, millions in (("repvgg_b1g4", 36.12), ("repvgg_b2g4", 55.77)):
+        with torch.device("meta"):
+            deployed = repnet.reparameterize(build_model(name, num_classes=1000), inplace=True)
+        assert sum(p.numel() for p in deployed.parameters()) / 1e6 == pytest.approx(
+            millions, rel=0.02
+        )

@@ -9,6 +9,7 @@ from torch import nn
 
 from repnet.models.blocks import block_factory
 from repnet.models.plain import SPECS, PlainNet, PlainSpec
+from repnet.models.pretrained import build_pretrained, load_pretrained
 from repnet.models.resnet import ResNet18
 
 
@@ -28,6 +29,13 @@ repvgg_b0 = MODELS["repvgg_b0"]
 repvgg_b1 = MODELS["repvgg_b1"]
 repvgg_b2 = MODELS["repvgg_b2"]
 repvgg_b3 = MODELS["repvgg_b3"]
+repvgg_b1g2 = MODELS["repvgg_b1g2"]
+repvgg_b1g4 = MODELS["repvgg_b1g4"]
+repvgg_b2g2 = MODELS["repvgg_b2g2"]
+repvgg_b2g4 = MODELS["repvgg_b2g4"]
+repvgg_b3g2 = MODELS["repvgg_b3g2"]
+repvgg_b3g4 = MODELS["repvgg_b3g4"]
+repvgg_d2se = MODELS["repvgg_d2se"]
 resnet18 = ResNet18
 
 
@@ -46,12 +54,21 @@ __all__ = [
     "ResNet18",
     "block_factory",
     "build_model",
+    "build_pretrained",
+    "load_pretrained",
     "repvgg_a0",
     "repvgg_a1",
     "repvgg_a2",
     "repvgg_b0",
     "repvgg_b1",
+    "repvgg_b1g2",
+    "repvgg_b1g4",
     "repvgg_b2",
+    "repvgg_b2g2",
+    "repvgg_b2g4",
     "repvgg_b3",
+    "repvgg_b3g2",
+    "repvgg_b3g4",
+    "repvgg_d2se",
     "resnet18",
 ]
