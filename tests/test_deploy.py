@@ -249,8 +249,8 @@ def test_a_config_cannot_make_deploy_run_code(run_dir, tmp_path):
         (run_dir / "config.yaml")
         .read_text()
         .replace(
-            "  batch_size: 64",
-            f"  batch_size:\n    _target_: torch.load\n    f: {payload}\n    weights_only: false",
+            "\n  batch_size: 64\n",
+            f"\n  batch_size:\n    _target_: torch.load\n    f: {payload}\n    weights_only: false\n",
         )
     )
     assert "torch.load" in config
