@@ -3,29 +3,22 @@
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 
 @hydra.main(config_path="configs", config_name="deploy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from omegaconf.errors import MissingMandatoryValue
-
+    from repnet.config import plain
     from repnet.deployment import deploy
     from repnet.errors import UsageError
 
     try:
-        report = deploy(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
-    except MissingMandatoryValue as error:
-        print(
-            f"deploy.py: error: {error.full_key} is required (deploy.py {error.full_key}=...)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        report = deploy(**plain(cfg))
     except UsageError as error:
         print(f"deploy.py: error: {error}", file=sys.stderr)
         sys.exit(1)
-    for name, check in report.checks.items():
-        print(f"verified on {name}: {check}")
+    for name, result in report.checks.items():
+        print(f"verified on {name}: {result}")
     for note in report.notes:
         print(note)
     print(report.table())

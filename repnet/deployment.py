@@ -1,32 +1,87 @@
-"""From a training checkpoint to a verified deploy form, its files and a cost report."""
+"""From a training checkpoint to a verified deploy form, its files and a cost report.
+
+``deploy`` is six steps, one function each: :func:`load` (checkpoint, run config and the
+recorded architecture, all checked as untrusted input), :func:`convert`, :func:`check`,
+:func:`write`, :func:`export` and :func:`report`. The folder is replaced whole
+(:func:`repnet.checkpoints.replacing`): a reader sees the old set or the new one.
+"""
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+import yaml
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from pydantic import Field
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from repnet.checkpoints import Checkpoint, DeployError, load_checkpoint, staged
-from repnet.data import DATAMODULES
+from repnet.checkpoints import check_manifest, load_checkpoint, replacing, write_whole
+from repnet.config import Open, Seed, Strict, validate
+from repnet.errors import DeployError, UsageError
 from repnet.export import EXPORTERS, Runner
 from repnet.models import build_model
 from repnet.reparam import Verification, reparameterize, verify
 
 CONFIG_NAME, WEIGHTS_NAME = "config.yaml", "model.safetensors"
-DATAMODULE_CLASSES = {
-    f"{cls.__module__}.{cls.__qualname__}": cls
-    for cls in {getattr(factory, "func", factory) for factory in DATAMODULES.values()}
-}
+# What a checkpoint or config may ask deploy to build and feed: beyond these it is refused.
+MAX_CLASSES = 100_000
+MAX_INPUT_CHANNELS = 64
+MAX_INPUT_SIDE = 4096
+MAX_VERIFY_VALUES = 2**28  # numbers in one batch of verification inputs (1 GiB of float32)
+MAX_CONFIG_BYTES = 2**20
+
+Count = Annotated[int, Field(ge=1, le=1024, strict=True)]
+Channels = Annotated[int, Field(ge=1, le=MAX_INPUT_CHANNELS, strict=True)]
+Side = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE, strict=True)]
+
+
+class DeployOptions(Strict):
+    """``deploy``'s options (``configs/deploy.yaml``) with the values each accepts."""
+
+    ckpt_path: Path
+    config: Path | None = None
+    out_dir: Path | None = None
+    export: list[Literal["onnx", "pt2"]] = Field(default_factory=list)
+    export_batch: Count | None = None
+    max_rel: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1e-4
+    random_inputs: Count = 8
+    real_batches: Annotated[int, Field(ge=0, le=64, strict=True)] = 1
+    latency_seconds: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] = 0.05
+    seed: Seed = 0
+
+
+class Architecture(Open):
+    """``build_model``'s keywords as a run records them; the ranges bound what an untrusted
+    checkpoint or config can make deploy build (the model checks the rest)."""
+
+    name: str
+    num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES, strict=True)]
+    in_channels: Channels
+
+
+class Recorded(Open):
+    """What a run records of its model: ``architecture`` and one sample's ``[C, H, W]``."""
+
+    architecture: dict[str, Any]
+    input_size: tuple[Channels, Side, Side]
+
+
+@dataclass
+class Source:
+    """A checkpoint's model, loaded: the weights in their architecture, train or deploy form."""
+
+    path: Path
+    model: nn.Module
+    architecture: dict[str, Any]
+    input_size: list[int]
+    run_config: dict[str, Any] | None
 
 
 @dataclass
@@ -45,93 +100,163 @@ class DeployReport:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file as plain data: nothing resolved (no ``${oc.env:…}``), nothing instantiated."""
+# ---- load ----
+
+
+def _yaml_text(path: Path) -> str:
+    """The file's text, refused when over ``MAX_CONFIG_BYTES``, nested over 1000 deep (the
+    pure-Python YAML scanner is quadratic in depth) or holding YAML aliases (an alias bomb
+    expands exponentially; configs never need them). libyaml scans it: linear, depth-capped."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DeployError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a config")
+    text = path.read_text()
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, yaml.CSafeLoader)):
+        raise DeployError(f"{path} uses YAML aliases (*name), which configs here never need")
+    return text
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping as plain data: nothing resolved (``${oc.env:…}`` stays text), nothing
+    instantiated, size and aliases bounded."""
     try:
-        content = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as error:  # omegaconf and yaml raise many kinds on a broken file
-        raise DeployError(f"{path} is not a readable YAML config ({error})") from None
+        content = OmegaConf.to_container(OmegaConf.create(_yaml_text(path)), resolve=False)
+    except DeployError:
+        raise
+    except Exception as error:  # OS, decoding, YAML and omegaconf errors of many kinds
+        raise DeployError(f"{path} is not a readable YAML config ({_first_line(error)})") from None
     if not isinstance(content, dict):
         raise DeployError(f"{path} is not a config mapping")
     return content
 
 
-def find_run_config(ckpt_path: Path, config: str | Path | None) -> dict[str, Any] | None:
+def find_run_config(ckpt_path: Path, config: Path | None) -> tuple[Path, dict] | None:
     """The given config file, else ``config.yaml`` beside the checkpoint or one folder up."""
     if config is not None:
-        if not Path(config).is_file():
+        if not config.is_file():
             raise DeployError(f"no config file at {config}")
-        return _read_yaml(Path(config))
+        return config, read_yaml(config)
     for candidate in (ckpt_path.parent / CONFIG_NAME, ckpt_path.parent.parent / CONFIG_NAME):
         if candidate.is_file():
-            return _read_yaml(candidate)
+            return candidate, read_yaml(candidate)
     return None
 
 
-def describe(checkpoint: Checkpoint, run_config: dict | None) -> tuple[dict, list[int]]:
-    """``build_model`` keywords and one sample's ``[C, H, W]``, from run config or checkpoint."""
-    for source in (run_config, checkpoint.hyper_parameters):
+def recorded(where: Path, source: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """``build_model`` keywords and ``[C, H, W]`` from a run's record, checked like user input."""
+    try:
+        validate(Recorded, source)
+        validate(Architecture, source["architecture"], "architecture")
+    except UsageError as error:
+        raise DeployError(f"{where}: {error}") from None
+    return dict(source["architecture"]), list(source["input_size"])
+
+
+def describe(
+    ckpt_path: Path, hyper_parameters: Any, run_config: tuple[Path, dict] | None
+) -> tuple[dict[str, Any], list[int]]:
+    """The architecture and input size from the run config, else from the checkpoint."""
+    for where, source in (run_config or (None, None), (ckpt_path, hyper_parameters)):
         if isinstance(source, dict) and "architecture" in source and "input_size" in source:
-            architecture, input_size = source["architecture"], source["input_size"]
-            if not isinstance(architecture, dict) or not _is_shape(input_size):
-                raise DeployError(
-                    "the architecture or input_size recorded for this model is malformed"
-                )
-            return dict(architecture), [int(n) for n in input_size]
+            return recorded(where, source)
     raise DeployError(
         "cannot tell the architecture: the checkpoint holds none and no run config.yaml was "
         "found beside it; pass config=<run>/config.yaml"
     )
 
 
-def _is_shape(value: Any) -> bool:
-    return (
-        isinstance(value, list | tuple)
-        and len(value) == 3
-        and all(isinstance(n, int) and n > 0 for n in value)
-    )
-
-
 def _mismatch(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """How ``state`` does not fit ``model``: keys missing or unexpected, shapes, or a kind of
+    number (floating or not) other than the model's."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    resized = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    common = [k for k in expected if k in state]
+    found = {
+        "missing": sorted(set(expected) - set(state)),
+        "unexpected": sorted(set(state) - set(expected)),
+        "resized": [
+            f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+            for k in common
+            if state[k].shape != expected[k].shape
+        ],
+        "retyped": [
+            f"{k} {state[k].dtype} vs {expected[k].dtype}"
+            for k in common
+            if state[k].is_floating_point() != expected[k].is_floating_point()
+            or state[k].is_complex()
+        ],
+    }
     return [
         f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''} ({len(keys)})"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("resized", resized))
+        for label, keys in found.items()
         if keys
     ]
 
 
+def _build(architecture: dict[str, Any]) -> nn.Module:
+    try:
+        return build_model(**architecture)
+    except (TypeError, ValueError) as error:
+        raise DeployError(f"the recorded architecture cannot be built: {error}") from None
+
+
 def deploy_skeleton(architecture: dict[str, Any]) -> nn.Module:
     """The deploy form's modules, weightless: the train form built on the meta device (no
-    memory, no initialisation) and converted; ``load_state_dict(assign=True)`` fills it."""
+    memory, no initialisation) and converted; :func:`fill` loads it."""
     with torch.device("meta"):
-        return reparameterize(build_model(**architecture), inplace=True)
+        return reparameterize(_build(architecture), inplace=True)
+
+
+def fill(model: nn.Module, state: dict[str, Tensor], what: str) -> nn.Module:
+    """``state`` assigned into ``model`` (floating tensors in the model's dtype), in eval
+    mode; refused where it does not fit or leaves a tensor on the meta device."""
+    if problems := _mismatch(model, state):
+        raise DeployError(f"{what}: {'; '.join(problems)}")
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+    empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise DeployError(f"{what}: {', '.join(empty[:6])} not in the weights")
+    return model.eval()
 
 
 def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
-    """The model the weights belong to, in train form or (for deployed weights) deploy form."""
-    try:
-        model = build_model(**architecture)
-    except (TypeError, ValueError) as error:
-        raise DeployError(f"the recorded architecture cannot be built: {error}") from None
-    problems = _mismatch(model, state)
-    if problems:
-        skeleton = deploy_skeleton(architecture)
-        if _mismatch(skeleton, state):
-            raise DeployError(
-                f"the checkpoint is not a {architecture.get('name')} with block "
-                f"{architecture.get('block')}: {'; '.join(problems)}"
-            )
-        model = skeleton
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    """The model the weights belong to, in train form or (weights already deployed) deploy
+    form; both are matched on the meta device, so nothing is allocated before the weights fit."""
+    what = (
+        f"the checkpoint is not a {architecture.get('name')} with block {architecture.get('block')}"
+    )
+    with torch.device("meta"):
+        problems = _mismatch(_build(architecture), state)
+    if not problems:
+        return fill(_build(architecture), state, what)
+    skeleton = deploy_skeleton(architecture)
+    if _mismatch(skeleton, state):
+        raise DeployError(f"{what}: {'; '.join(problems)}")
+    return fill(skeleton, state, what)
+
+
+def load(ckpt_path: Path, run_config: tuple[Path, dict] | None) -> Source:
+    """Step 1: the weights (``weights_only``, checksums checked) in their checked architecture."""
+    checkpoint = load_checkpoint(ckpt_path)
+    architecture, input_size = describe(ckpt_path, checkpoint.hyper_parameters, run_config)
+    model = load_model(architecture, checkpoint.state_dict)
+    config = run_config[1] if run_config else None
+    return Source(ckpt_path, model, architecture, input_size, config)
+
+
+# ---- convert, check ----
+
+
+def convert(source: Source, options: DeployOptions) -> nn.Module:
+    """Step 2: the deploy form; exporting a module that says it ``needs_fixed_batch`` (its
+    graph depends on the batch size) asks for ``export_batch``."""
+    deployed = reparameterize(source.model)
+    fixed = [m for m in deployed.modules() if getattr(m, "needs_fixed_batch", False)]
+    if options.export and options.export_batch is None and fixed:
+        raise DeployError(
+            f"{type(fixed[0]).__name__} exports only for a fixed batch (its graph depends on "
+            "the batch size): pass export_batch=N"
+        )
+    return deployed
 
 
 def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | None, str]:
@@ -142,7 +267,12 @@ def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | No
     data = dict(run_config.get("data") or {}) if run_config is not None else {}
     if batches < 1 or not data:
         return None, "no real data: random inputs only"
-    datamodule_class = DATAMODULE_CLASSES.get(str(data.pop("_target_", "")))
+    from repnet.data import DATAMODULES  # Lightning: only when there is data to read
+
+    classes = {getattr(f, "func", f) for f in DATAMODULES.values()}
+    datamodule_class = {f"{c.__module__}.{c.__qualname__}": c for c in classes}.get(
+        str(data.pop("_target_", ""))
+    )
     if "download" in data:
         data["download"] = False  # deploying never downloads
     plain = all(isinstance(v, str | int | float | bool | type(None)) for v in data.values())
@@ -158,16 +288,93 @@ def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | No
     return images, f"{len(images)} real validation images"
 
 
-def latency_ms(run: Runner, x: Tensor, runs: int) -> float:
-    """Median wall time of ``run(x)`` over ``runs`` calls, after two warm-up calls."""
-    times = []
-    with torch.inference_mode():
-        for index in range(runs + 2):
-            start = time.perf_counter()
-            run(x)
-            if index >= 2:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def random_inputs(source: Source, options: DeployOptions) -> Tensor:
+    """Seeded normal inputs: ``random_inputs`` of them, at least 2 and ``export_batch``."""
+    count = max(2, options.random_inputs, options.export_batch or 0)
+    if count * math.prod(source.input_size) > MAX_VERIFY_VALUES:
+        raise DeployError(
+            f"{count} inputs of size {source.input_size} exceed {MAX_VERIFY_VALUES:,} numbers; "
+            "lower random_inputs or export_batch"
+        )
+    generator = torch.Generator().manual_seed(options.seed)
+    return torch.randn(count, *source.input_size, generator=generator)
+
+
+def refuse_if_over(checks: dict[str, Verification], max_rel: float, what: str) -> None:
+    for name, result in checks.items():
+        if not result.max_rel <= max_rel:
+            raise DeployError(
+                f"{what} differs from the trained model on {name}: {result} "
+                f"(tolerance max_rel={max_rel:g}); nothing was written"
+            )
+
+
+def check(
+    source: Source, deployed: nn.Module, inputs: Tensor, options: DeployOptions
+) -> tuple[dict[str, Verification], str]:
+    """Step 3: the deploy form against the train form on random and real inputs, within
+    ``max_rel``; returns the checks and a note on the data used."""
+    try:
+        checks = {"random inputs": verify(source.model, deployed, inputs)}
+    except RuntimeError as error:
+        raise DeployError(
+            f"the model does not take inputs of size {source.input_size}: {_first_line(error)}"
+        ) from None
+    real, note = validation_batch(source.run_config, options.real_batches)
+    if real is not None:
+        checks["real validation data"] = verify(source.model, deployed, real)
+    refuse_if_over(checks, options.max_rel, "the deploy form")
+    return checks, note
+
+
+# ---- write, export ----
+
+
+def write(folder: Path, source: Source, deployed: nn.Module, checks: dict) -> None:
+    """Step 4: the deploy-form weights and a config of the architecture and the checks."""
+    state = {k: v.contiguous() for k, v in deployed.state_dict().items()}
+    write_whole(folder / WEIGHTS_NAME, safetensors_bytes(state))
+    record = {
+        "architecture": source.architecture,
+        "input_size": source.input_size,
+        "deploy": True,
+        "source": str(source.path.resolve()),
+        "verification": {name: vars(result) for name, result in checks.items()},
+    }
+    write_whole(folder / CONFIG_NAME, yaml.safe_dump(record, sort_keys=False).encode())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def exported(name: str, model: nn.Module, example: Tensor, folder: Path, dynamic: bool) -> Runner:
+    """One export written into ``folder`` and loaded back from its file."""
+    target = EXPORTERS[name]
+    try:
+        write_whole(folder / target.filename, target.serialize(model, example, dynamic))
+        return target.load(folder / target.filename)
+    except (DeployError, OSError):
+        raise
+    except Exception as error:  # the exporters fail in many ways on unsupported graphs
+        raise DeployError(f"export {name!r} failed: {_first_line(error)}") from None
+
+
+def export(
+    folder: Path, deployed: nn.Module, example: Tensor, options: DeployOptions, checks: dict
+) -> dict[str, Runner]:
+    """Step 5: each format asked for, written, loaded back and checked on ``example``."""
+    runners = {}
+    for name in dict.fromkeys(options.export):  # each once, in the order given
+        runner = exported(name, deployed, example, folder, options.export_batch is None)
+        result = verify(deployed, runner, example)
+        refuse_if_over({name: result}, options.max_rel, f"the {name} export")
+        checks[f"{name} vs deploy form"], runners[name] = result, runner
+    return runners
+
+
+# ---- report ----
 
 
 def mflops(model: nn.Module, x: Tensor) -> float:
@@ -177,8 +384,37 @@ def mflops(model: nn.Module, x: Tensor) -> float:
     return counter.get_total_flops() / 1e6 / len(x)
 
 
-def _megabytes(path: Path) -> str:
-    return f"{path.stat().st_size / 2**20:.2f}"
+def _row(form: str, run: Runner, x: Tensor, file: Path, seconds: float, model=None) -> dict:
+    """A table row: median latency, parameters and FLOPs (for modules), the file's size."""
+    from repnet.timing import measure
+
+    with torch.inference_mode():
+        milliseconds = 1e3 * measure(lambda: run(x), min_run_time=seconds).median
+    row = {"form": form, "CPU ms, batch 1": f"{milliseconds:.3f}"}
+    if model is not None:
+        row["parameters"] = f"{sum(p.numel() for p in model.parameters()):,}"
+        row["MFLOPs/image"] = f"{mflops(model, x):.2f}"
+    return {**row, "file": file.name, "MB": f"{file.stat().st_size / 2**20:.2f}"}
+
+
+def report(
+    out: Path,
+    source: Source,
+    deployed: nn.Module,
+    runners: dict,
+    inputs: Tensor,
+    options: DeployOptions,
+) -> list[dict[str, Any]]:
+    """Step 6: parameters, FLOPs per image, latency and file size of every form written."""
+    one, seconds, batch = inputs[:1], options.latency_seconds, options.export_batch
+    rows = [
+        _row("train form (eval)", source.model, one, source.path, seconds, source.model),
+        _row("deploy form", deployed, one, out / WEIGHTS_NAME, seconds, deployed),
+    ]
+    for name, runner in runners.items():
+        label, x = (name, one) if batch is None else (f"{name} (batch {batch})", inputs[:batch])
+        rows.append(_row(label, runner, x, out / EXPORTERS[name].filename, seconds))
+    return rows
 
 
 def default_out_dir(ckpt_path: Path) -> Path:
@@ -187,159 +423,39 @@ def default_out_dir(ckpt_path: Path) -> Path:
     return run / "deploy"
 
 
-def check_formats(export: str | Sequence[str]) -> list[str]:
-    formats = [export] if isinstance(export, str) else list(export)
-    unknown = [f for f in formats if f not in EXPORTERS]
-    if unknown:
-        raise DeployError(f"unknown export format {unknown}; formats: {', '.join(EXPORTERS)}")
-    return list(dict.fromkeys(formats))  # each once, in the order given
+def parse_options(values: Mapping[str, Any]) -> DeployOptions:
+    """``values`` checked against :class:`DeployOptions`, or one :class:`UsageError` line."""
+    validate(DeployOptions, values)
+    return DeployOptions.model_validate(values)
 
 
-def require(
-    name: str, value: Any, kind: type[int] | type[float], minimum: float, maximum: float = math.inf
-) -> None:
-    """A :class:`DeployError` unless ``value`` is a ``kind`` (an int counts as a float, a bool
-    as neither, NaN as nothing) in ``[minimum, maximum]``: checked before any work."""
-    kinds = (int, float) if kind is float else (int,)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or value != value  # NaN
-        or not minimum <= value <= maximum
-    ):
-        what = "an integer" if kind is int else "a number"
-        bound = f" >= {minimum}" if maximum == math.inf else f" in [{minimum}, {maximum}]"
-        raise DeployError(f"{name} must be {what}{bound}, got {value!r}")
-
-
-def deploy(
-    ckpt_path: str | Path,
-    config: str | Path | None = None,
-    out_dir: str | Path | None = None,
-    export: str | Sequence[str] = (),
-    export_batch: int | None = None,
-    max_rel: float = 1e-4,
-    random_inputs: int = 8,
-    real_batches: int = 1,
-    latency_runs: int = 20,
-    seed: int = 0,
-) -> DeployReport:
-    """Convert ``ckpt_path``, verify it, and write ``model.safetensors``, ``config.yaml`` and
-    any ``export`` (``onnx``, ``pt2``) into ``out_dir``; nothing is written if a check fails.
-
-    Exports take a dynamic batch unless ``export_batch`` fixes it (dynamic convs need that:
-    their group count is the batch size).
-    """
-    ckpt_path = Path(ckpt_path)
-    formats = check_formats(export)
-    if export_batch is not None:
-        require("export_batch", export_batch, int, 1)
-    require("max_rel", max_rel, float, 0)
-    require("random_inputs", random_inputs, int, 1)
-    require("real_batches", real_batches, int, 0)
-    require("latency_runs", latency_runs, int, 1)
-    require("seed", seed, int, -(2**63), 2**64 - 1)  # what torch.manual_seed takes
-    checkpoint = load_checkpoint(ckpt_path)
-    run_config = find_run_config(ckpt_path, config)
-    architecture, input_size = describe(checkpoint, run_config)
-    model = load_model(architecture, checkpoint.state_dict)
-    deployed = reparameterize(model)
-    out = Path(out_dir) if out_dir else default_out_dir(ckpt_path)
-    if out.exists() and not out.is_dir():
-        raise DeployError(f"out_dir {out} exists and is not a folder")
-    if (
-        formats
-        and export_batch is None
-        and any(getattr(m, "needs_fixed_batch", False) for m in deployed.modules())
-    ):
-        raise DeployError(
-            "dynamic convolutions export only for a fixed batch (their group count is the "
-            "batch size): pass export_batch=N"
-        )
-
-    generator = torch.Generator().manual_seed(seed)
-    random = torch.randn(max(2, random_inputs, export_batch or 0), *input_size, generator=generator)
-    real, data_note = validation_batch(run_config, real_batches)
-    try:
-        checks = {"random inputs": verify(model, deployed, random)}
-    except RuntimeError as error:
-        raise DeployError(f"the model does not take inputs of size {input_size}: {error}") from None
-    if real is not None:
-        checks["real validation data"] = verify(model, deployed, real)
-    report = DeployReport(out, checks, notes=[data_note])
-    _refuse_if_over(checks, max_rel, "the deploy form")
-
-    one = random[:1]
-    example = random[: export_batch or 2]  # a dynamic batch is traced with 2 (1 specialises)
-    owned = [WEIGHTS_NAME, CONFIG_NAME, *(filename for filename, _ in EXPORTERS.values())]
-    with staged(out, owned) as stage:
-        state = {k: v.contiguous() for k, v in deployed.state_dict().items()}
-        save_file(state, stage / WEIGHTS_NAME)
-        summary = {name: vars(check) for name, check in checks.items()}
-        OmegaConf.save(
-            {
-                "architecture": architecture,
-                "input_size": input_size,
-                "deploy": True,
-                "source": str(ckpt_path.resolve()),
-                "verification": summary,
-            },
-            stage / CONFIG_NAME,
-        )
-        report.rows = [
-            _row("train form (eval)", model, one, model, latency_runs, ckpt_path),
-            _row("deploy form", deployed, one, deployed, latency_runs, stage / WEIGHTS_NAME),
-        ]
-        for name in formats:
-            filename, exporter = EXPORTERS[name]
-            try:
-                runner = exporter(deployed, example, stage / filename, export_batch is None)
-            except DeployError:
-                raise
-            except Exception as error:  # the exporters fail in many ways on unsupported graphs
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise DeployError(
-                    f"export {name!r} failed: {type(error).__name__}: {reason}"
-                ) from None
-            check = verify(deployed, runner, example)
-            checks[f"{name} vs deploy form"] = check
-            _refuse_if_over({name: check}, max_rel, f"the {name} export")
-            label, x = (
-                (name, one) if export_batch is None else (f"{name} (batch {export_batch})", example)
-            )
-            report.rows.append(_row(label, None, x, runner, latency_runs, stage / filename))
-        for row in report.rows:
-            row["file"] = Path(row["file"]).name
-    return report
-
-
-def _row(form, model, example, runner, runs, file: Path) -> dict[str, Any]:
-    row = {"form": form, "CPU ms, batch 1": f"{latency_ms(runner, example, runs):.3f}"}
-    if model is not None:
-        row["parameters"] = f"{sum(p.numel() for p in model.parameters()):,}"
-        row["MFLOPs/image"] = f"{mflops(model, example):.2f}"
-    return {**row, "file": str(file), "MB": _megabytes(file)}
-
-
-def _refuse_if_over(checks: dict[str, Verification], max_rel: float, what: str) -> None:
-    for name, check in checks.items():
-        if not check.max_rel <= max_rel:
-            raise DeployError(
-                f"{what} differs from the trained model on {name}: {check} "
-                f"(tolerance max_rel={max_rel:g}); nothing was written"
-            )
+def deploy(ckpt_path: str | Path, **options: Any) -> DeployReport:
+    """Convert ``ckpt_path``, verify it, and replace ``out_dir`` (default ``<run>/deploy``)
+    with ``model.safetensors``, ``config.yaml``, each ``export`` and ``manifest.json``;
+    nothing is written if a check fails. ``options``: :class:`DeployOptions`."""
+    options = parse_options({"ckpt_path": ckpt_path, **options})
+    run_config = find_run_config(options.ckpt_path, options.config)
+    out = options.out_dir or default_out_dir(options.ckpt_path)
+    inputs = [options.ckpt_path, *([run_config[0]] if run_config else [])]
+    with replacing(out, keep=[path for path in inputs if path.exists()]) as stage:
+        source = load(options.ckpt_path, run_config)
+        deployed = convert(source, options)
+        examples = random_inputs(source, options)
+        checks, note = check(source, deployed, examples, options)
+        with stage() as folder:
+            write(folder, source, deployed, checks)
+            export_example = examples[: options.export_batch or 2]  # 1 would specialise
+            runners = export(folder, deployed, export_example, options, checks)
+    rows = report(out, source, deployed, runners, examples, options)
+    return DeployReport(out, checks, rows, [note])
 
 
 def load_deployed(out_dir: str | Path) -> nn.Module:
-    """The deploy-form model written by ``deploy``: built fused (no branches) and loaded."""
-    out_dir = Path(out_dir)
-    config_path, weights_path = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise DeployError(f"{out_dir} holds no deployed model ({CONFIG_NAME}, {WEIGHTS_NAME})")
-    config = _read_yaml(config_path)
-    model = deploy_skeleton(config["architecture"])
-    state = load_checkpoint(weights_path).state_dict
-    if mismatch := _mismatch(model, state):
-        raise DeployError(f"{weights_path} does not fit its {CONFIG_NAME}: {'; '.join(mismatch)}")
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    """The deploy-form model written by ``deploy``: its files checked against the manifest,
+    its config read as plain typed data, a fused skeleton filled with the weights."""
+    folder = Path(out_dir).resolve()  # one set, even if a new deploy replaces it meanwhile
+    check_manifest(folder, [CONFIG_NAME, WEIGHTS_NAME])
+    architecture, _ = recorded(folder / CONFIG_NAME, read_yaml(folder / CONFIG_NAME))
+    state = load_checkpoint(folder / WEIGHTS_NAME).state_dict
+    what = f"{folder / WEIGHTS_NAME} does not fit its {CONFIG_NAME}"
+    return fill(deploy_skeleton(architecture), state, what)

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from repnet.checkpoint_io import AtomicCheckpointIO
-from repnet.checkpoints import load_checkpoint
+from repnet.checkpoints import AtomicCheckpointIO, load_checkpoint
 from repnet.config import check_train_config
 from repnet.costs import mflops_per_image, parameters
 from repnet.errors import UsageError

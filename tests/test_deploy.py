@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -14,8 +13,10 @@ from helpers import QUICK, ROOT, compose
 from safetensors.torch import save_file
 
 import repnet
-from repnet.checkpoints import CheckpointError, DeployError, load_checkpoint, staged
+from repnet.checkpoints import CheckpointError, DeployError, load_checkpoint, replacing
 from repnet.deployment import deploy, load_model
+from repnet.errors import UsageError
+from repnet.export import EXPORTERS, Format
 from repnet.training import train
 
 
@@ -33,12 +34,14 @@ def trained_model(run: Path) -> torch.nn.Module:
 
 
 def test_deploy_writes_verified_files_that_load_back(run_dir, tmp_path):
-    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export=["onnx", "pt2"])
-    assert {p.name for p in tmp_path.iterdir()} == {
+    out = tmp_path / "deploy"
+    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, export=["onnx", "pt2"])
+    assert {p.name for p in out.iterdir()} == {
         "model.safetensors",
         "config.yaml",
         "model.onnx",
         "model.pt2",
+        "manifest.json",
     }
     assert set(report.checks) == {
         "random inputs",
@@ -53,7 +56,7 @@ def test_deploy_writes_verified_files_that_load_back(run_dir, tmp_path):
         "onnx",
         "pt2",
     ]
-    deployed = repnet.load_deployed(tmp_path)
+    deployed = repnet.load_deployed(out)
     assert all(m.deployed for m in deployed.modules() if isinstance(m, repnet.RepBlock))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
     x = torch.randn(16, 1, 8, 8)
@@ -62,7 +65,7 @@ def test_deploy_writes_verified_files_that_load_back(run_dir, tmp_path):
 
 
 def test_default_out_dir_is_the_runs_deploy_folder(run_dir):
-    report = deploy(run_dir / "checkpoints" / "best.ckpt", latency_runs=1)
+    report = deploy(run_dir / "checkpoints" / "best.ckpt", latency_seconds=0)
     assert report.out_dir == run_dir / "deploy"
     assert (run_dir / "deploy" / "model.safetensors").is_file()
 
@@ -76,12 +79,13 @@ def test_plain_state_dicts_with_wrapper_prefixes_deploy(run_dir, tmp_path, prefi
         torch.save(state, path)
     else:
         save_file(state, path)
-    report = deploy(path, config=run_dir / "config.yaml", out_dir=tmp_path / "out", latency_runs=1)
+    out = tmp_path / "out"
+    report = deploy(path, config=run_dir / "config.yaml", out_dir=out, latency_seconds=0)
     assert report.checks["random inputs"].max_rel < 1e-5
 
 
 def test_a_deployed_checkpoint_deploys_again_without_harm(run_dir, tmp_path):
-    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "once", latency_runs=1)
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "once", latency_seconds=0)
     report = deploy(tmp_path / "once" / "model.safetensors", out_dir=tmp_path / "twice")
     assert report.checks["random inputs"].max_abs == 0.0
     x = torch.randn(4, 1, 8, 8)
@@ -89,12 +93,12 @@ def test_a_deployed_checkpoint_deploys_again_without_harm(run_dir, tmp_path):
     assert torch.equal(once(x), twice(x))
 
 
-def test_staged_writes_leave_nothing_when_interrupted(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt), staged(out) as stage:
-        (stage / "model.safetensors").write_bytes(b"half")
+def test_a_replacement_interrupted_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "out"
+    with pytest.raises(KeyboardInterrupt), replacing(out) as stage, stage() as folder:
+        (folder / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path):
@@ -106,22 +110,25 @@ def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path)
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        *[("export_batch", v, "an integer >= 1") for v in (0, -1, "4", 2.0, True)],
-        *[("max_rel", v, "a number >= 0") for v in ("abc", -1e-4, None, True, math.nan)],
-        ("random_inputs", 0, "an integer >= 1"),
-        ("real_batches", -1, "an integer >= 0"),
-        ("latency_runs", 2.5, "an integer >= 1"),
-        *[
-            ("seed", v, r"an integer in \[-9223372036854775808, 18446744073709551615\]")
-            for v in ("0", 2**64)
-        ],
+        ("export_batch", 0, "greater than or equal to 1"),
+        *[("export_batch", v, "a valid integer") for v in ("4", 2.0, True)],
+        ("max_rel", -1e-4, "greater than or equal to 0"),
+        *[("max_rel", v, "a valid number") for v in ("abc", None, True)],
+        ("max_rel", float("nan"), "a finite number"),
+        ("random_inputs", 0, "greater than or equal to 1"),
+        ("random_inputs", 10**6, "less than or equal to 1024"),
+        ("real_batches", -1, "greater than or equal to 0"),
+        ("latency_seconds", -1, "greater than or equal to 0"),
+        ("seed", 2**64, "less than or equal to 4294967295"),
+        ("export", ["tflite"], "'onnx' or 'pt2'"),
+        ("latency_runs", 3, "Extra inputs are not permitted"),
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(run_dir, tmp_path, option, value, message):
     out = tmp_path / "out"
-    with pytest.raises(DeployError, match=f"{option} must be {message}, got {value!r}"):
+    with pytest.raises(UsageError, match=f"^{option}: .*{message}"):
         deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, **{option: value})
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_out_dir_that_cannot_be_made_is_one_error_and_leaves_nothing(run_dir, tmp_path):
@@ -137,9 +144,9 @@ def test_an_out_dir_that_cannot_be_made_is_one_error_and_leaves_nothing(run_dir,
 def test_a_format_named_twice_is_exported_once(run_dir, tmp_path):
     report = deploy(
         run_dir / "checkpoints" / "last.ckpt",
-        out_dir=tmp_path,
+        out_dir=tmp_path / "deploy",
         export=["pt2", "pt2"],
-        latency_runs=1,
+        latency_seconds=0,
     )
     assert [row["form"] for row in report.rows].count("pt2") == 1
 
@@ -164,11 +171,12 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, message: str, ou
 
 
 def test_cli_deploys_a_training_checkpoint(run_dir, tmp_path):
-    result = run_deploy(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={tmp_path}")
+    out = tmp_path / "deploy"
+    result = run_deploy(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}")
     assert result.returncode == 0, result.stderr
     assert "verified on real validation data: max abs diff" in result.stdout
     assert "deploy form" in result.stdout and "MFLOPs/image" in result.stdout
-    assert (tmp_path / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def bad_file(kind: str, run_dir: Path, tmp_path: Path) -> tuple[Path, str]:
@@ -228,8 +236,11 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("export=[onnx,tflite]", "unknown export format ['tflite']"),
-        ("max_rel=abc", "max_rel must be a number >= 0, got 'abc'"),
+        ("export=[onnx,tflite]", "export: Input should be 'onnx' or 'pt2' (got 'tflite')"),
+        ("max_rel=abc", "max_rel: Input should be a valid number (got 'abc')"),
+        ("max_rel=-1e-4", "max_rel: Input should be greater than or equal to 0 (got -0.0001)"),
+        ("+foo=1", "foo: Extra inputs are not permitted (got 1)"),
+        ("config=${oc.env:REPNET_UNSET}", "config: "),
     ],
 )
 def test_cli_a_bad_option_is_refused_before_any_work(run_dir, tmp_path, override, message):
@@ -249,8 +260,9 @@ def test_a_config_cannot_make_deploy_run_code(run_dir, tmp_path):
         (run_dir / "config.yaml")
         .read_text()
         .replace(
-            "\n  batch_size: 64\n",
-            f"\n  batch_size:\n    _target_: torch.load\n    f: {payload}\n    weights_only: false\n",
+            "\n  batch_size: 64",
+            f"\n  batch_size:\n    _target_: torch.load\n    f: {payload}\n    weights_only: false",
+            1,
         )
     )
     assert "torch.load" in config
@@ -266,10 +278,12 @@ def test_a_config_cannot_make_deploy_run_code(run_dir, tmp_path):
 
 
 def test_a_new_deploy_leaves_no_file_of_an_older_one(run_dir, tmp_path):
-    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, export=["pt2"], latency_runs=1)
-    assert (tmp_path / "model.pt2").is_file()
-    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
-    assert not (tmp_path / "model.pt2").exists()
+    out = tmp_path / "deploy"
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, export=["pt2"], latency_seconds=0)
+    assert (out / "model.pt2").is_file()
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
+    assert not (out / "model.pt2").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.is_symlink()] == [out.resolve().name]
 
 
 # ---- proposed by the mutation audit ----
@@ -278,8 +292,9 @@ def test_a_new_deploy_leaves_no_file_of_an_older_one(run_dir, tmp_path):
 def test_written_config_and_report_rows_describe_what_was_checked(run_dir, tmp_path):
     from omegaconf import OmegaConf
 
-    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
-    written = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
+    out = tmp_path / "deploy"
+    report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
+    written = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
     assert written["deploy"] is True and written["input_size"] == [1, 8, 8]
     assert written["verification"] == {name: vars(c) for name, c in report.checks.items()}
     assert set(written["verification"]) == {"random inputs", "real validation data"}
@@ -298,21 +313,21 @@ def test_a_checkpoint_with_nan_weights_fails_and_writes_nothing(run_dir, tmp_pat
 
 
 def test_an_export_that_disagrees_fails_and_writes_nothing(run_dir, tmp_path, monkeypatch):
-    filename, export_pt2 = repnet.export.EXPORTERS["pt2"]
+    pt2 = EXPORTERS["pt2"]
 
-    def off_by_one(model, example, path, dynamic_batch):
-        run = export_pt2(model, example, path, dynamic_batch)
+    def off_by_one(path):
+        run = pt2.load(path)
         return lambda x: run(x) + 1
 
-    monkeypatch.setitem(repnet.export.EXPORTERS, "pt2", (filename, off_by_one))
+    monkeypatch.setitem(EXPORTERS, "pt2", Format(pt2.filename, pt2.serialize, off_by_one))
     with pytest.raises(DeployError, match="the pt2 export differs"):
         deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path / "out", export=["pt2"])
     assert not (tmp_path / "out").exists()
 
 
 def test_a_pt2_export_is_checked_as_loaded_back_from_its_file(run_dir, tmp_path, monkeypatch):
-    def damaged_save(program, path, *args, **kwargs):
-        Path(path).write_bytes(b"not a pt2 archive")
+    def damaged_save(program, f, *args, **kwargs):
+        f.write(b"not a pt2 archive")
 
     monkeypatch.setattr(torch.export, "save", damaged_save)
     with pytest.raises(DeployError, match="export 'pt2' failed"):
@@ -331,13 +346,17 @@ def test_weights_of_another_shape_are_one_deploy_error(run_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+TINY = "name: tiny, num_classes: 10, in_channels: 1"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("- a\n- list\n", "is not a config mapping"),
-        ("architecture: {name: tiny}\ninput_size: [1, 8]\n", "malformed"),
-        ("architecture: {name: tiny, block: nope}\ninput_size: [1, 8, 8]\n", "cannot be built"),
-        ("architecture: {name: tiny, widht: 3}\ninput_size: [1, 8, 8]\n", "cannot be built"),
+        (f"architecture: {{{TINY}}}\ninput_size: [1, 8]\n", "input_size: Field required"),
+        ("architecture: {name: tiny}\ninput_size: [1, 8, 8]\n", "num_classes: Field required"),
+        (f"architecture: {{{TINY}, block: nope}}\ninput_size: [1, 8, 8]\n", "cannot be built"),
+        (f"architecture: {{{TINY}, widht: 3}}\ninput_size: [1, 8, 8]\n", "cannot be built"),
     ],
 )
 def test_a_bad_run_config_is_one_deploy_error(run_dir, tmp_path, content, message):
@@ -357,13 +376,14 @@ def test_a_missing_config_file_is_named(run_dir, tmp_path):
 
 
 def test_load_deployed_refuses_a_folder_without_a_whole_deploy_form(run_dir, tmp_path):
-    with pytest.raises(DeployError, match="holds no deployed model"):
+    with pytest.raises(DeployError, match=r"holds no manifest\.json"):
         repnet.load_deployed(tmp_path)
-    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
-    state = load_checkpoint(tmp_path / "model.safetensors").state_dict
-    save_file(dict(list(state.items())[1:]), tmp_path / "model.safetensors")  # one tensor short
-    with pytest.raises(DeployError, match=r"does not fit its config\.yaml: missing: "):
-        repnet.load_deployed(tmp_path)
+    out = tmp_path / "deploy"
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
+    state = load_checkpoint(out / "model.safetensors").state_dict
+    save_file(dict(list(state.items())[1:]), out / "model.safetensors")  # one tensor short
+    with pytest.raises(DeployError, match=r"model\.safetensors does not match its manifest"):
+        repnet.load_deployed(out)
 
 
 def test_a_prefix_is_stripped_only_when_every_key_has_it():
@@ -389,6 +409,9 @@ def test_written_files_get_the_usual_permissions(run_dir, tmp_path):
     """safetensors writes 0600; published files must be readable as any file the user writes."""
     umask = os.umask(0)
     os.umask(umask)
-    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=tmp_path, latency_runs=1)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert modes == dict.fromkeys(["model.safetensors", "config.yaml"], 0o666 & ~umask)
+    out = tmp_path / "deploy"
+    deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    names = ["model.safetensors", "config.yaml", "manifest.json"]
+    assert modes == dict.fromkeys(names, 0o666 & ~umask)
+    assert out.resolve().stat().st_mode & 0o777 == 0o777 & ~umask

@@ -217,7 +217,7 @@ def test_dynamic_blocks_train_under_lightning_and_deploy(tmp_path):
     cfg = compose(["block=dynamic", "block.branches=acb", *QUICK, "logger=csv"])
     summary = train(cfg, tmp_path)
     assert summary["max_abs_diff"] < 1e-3 and summary["argmax_agreement"] == 1.0
-    report = deploy(tmp_path / "checkpoints" / "last.ckpt", latency_runs=1)
+    report = deploy(tmp_path / "checkpoints" / "last.ckpt", latency_seconds=0)
     deployed = repnet.load_deployed(report.out_dir)
     dynamic_convs = [m for m in deployed.modules() if isinstance(m, DynamicConv2d)]
     assert dynamic_convs and all(m.deployed for m in dynamic_convs)
@@ -233,7 +233,7 @@ def test_dynamic_models_export_for_a_fixed_batch(tmp_path):
         deploy(last, export=["pt2"], out_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     report = deploy(
-        last, export=["pt2", "onnx"], export_batch=4, out_dir=tmp_path / "out", latency_runs=1
+        last, export=["pt2", "onnx"], export_batch=4, out_dir=tmp_path / "out", latency_seconds=0
     )
     assert report.checks["pt2 vs deploy form"].max_rel < 1e-5
     assert report.checks["onnx vs deploy form"].max_rel < 1e-5
