@@ -76,19 +76,19 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Logs loss and accuracy; returns the logits (callbacks compare them)."""
-        images, labels = batch
-        logits = self(images)
-        self.val_acc(logits, labels)
-        self.log("val/loss", self.criterion(logits, labels), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        return logits
+        return self._evaluate(batch, "val", self.val_acc)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, accuracy) -> Tensor:
+        """``<split>/loss`` (synced across processes) and ``<split>/acc``; the logits."""
         images, labels = batch
         logits = self(images)
-        self.test_acc(logits, labels)
-        self.log("test/loss", self.criterion(logits, labels), sync_dist=True)
-        self.log("test/acc", self.test_acc)
+        accuracy(logits, labels)
+        self.log(f"{split}/loss", self.criterion(logits, labels), sync_dist=True)
+        self.log(f"{split}/acc", accuracy, prog_bar=split == "val")
+        return logits
 
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """Class probabilities ``softmax(logits)`` of a batch of images (or ``(images, …)``)."""
