@@ -13,7 +13,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -53,6 +53,25 @@ class TrainerLimits(Open):
     max_epochs: Annotated[int, Field(ge=1)] = 1
     devices: Annotated[int, Field(ge=-1, le=64)] | str | list[int] = "auto"
     num_nodes: Annotated[int, Field(ge=1, le=4096)] = 1
+
+
+class ModelSettings(Open):
+    """``model``: the backbone's own options (checked by building it) and weights to start
+    from: published (official or timm RepVGG, DBB, ACNet blocks) or repnet's own."""
+
+    name: str
+    pretrained: FilePath | None = None
+
+
+class OptimSettings(Strict):
+    """``optim``: the optimizer and scheduler (``_target_`` configs checked against what
+    they build), when the schedule steps, and the backbone's learning rate as a fraction of
+    the classifier's (below 1 to fine-tune pretrained weights gently)."""
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
+    interval: Literal["step", "epoch"] = "step"
+    backbone_lr: Fraction = 1.0
 
 
 class TrainSettings(Strict):
@@ -160,6 +179,7 @@ def check_train_config(cfg: DictConfig) -> dict[str, Any]:
     values = plain(cfg)
     validate(TrainSettings, values)
     check_target(values["data"], "data")
+    validate(ModelSettings, values["model"], "model")
     check_block(values["block"])
     validate(TrainerLimits, values["trainer"], "trainer")
     check_target(values["trainer"], "trainer")
@@ -169,6 +189,7 @@ def check_train_config(cfg: DictConfig) -> dict[str, Any]:
     for name, node in (values.get("logger") or {}).items():
         if node:
             check_target(node, f"logger.{name}", given=("save_dir",))
+    validate(OptimSettings, values["optim"], "optim")
     optimizer, scheduler = values["optim"]["optimizer"], values["optim"].get("scheduler")
     options = {k: v for k, v in optimizer.items() if not k.startswith("_")}
     validate(OptimizerRanges, options, "optim.optimizer")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -89,6 +89,30 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
+    def preprocessing(self) -> dict[str, Any]:
+        """How an image file becomes one input, in the keys timm's ``pretrained_cfg`` uses:
+        resize the shorter side to ``side / crop_pct`` (``interpolation``), crop the centre
+        ``input_size``, scale pixels to [0, 1], ``(x - mean) / std``; and ``label_names``."""
+        mean, std = self.normalisation()
+        return {
+            "input_size": [self.in_channels, self.image_size, self.image_size],
+            "interpolation": "bilinear",
+            "crop_pct": self.crop_pct,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "label_names": self.label_names(),
+        }
+
+    crop_pct = 1.0
+
+    def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        """Per-channel ``(mean, std)`` of pixels in [0, 1] that the inputs are normalised by."""
+        return (0.0,) * self.in_channels, (1.0,) * self.in_channels
+
+    def label_names(self) -> list[str]:
+        return [str(label) for label in range(self.num_classes)]
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
@@ -142,6 +166,7 @@ class DigitsDataModule(ImageClassificationDataModule):
             random_state=self.seed,
         )
         mean, std = float(train_images.mean()), float(train_images.std())
+        self.stats = (mean,), (std,)
         shift = v2.RandomCrop(self.image_size, padding=self.image_size // 8, fill=-mean / std)
         self.train_dataset = TensorImageDataset(
             self._to_tensor(train_images, mean, std), torch.as_tensor(train_labels), shift
@@ -149,6 +174,11 @@ class DigitsDataModule(ImageClassificationDataModule):
         self.val_dataset = TensorImageDataset(
             self._to_tensor(val_images, mean, std), torch.as_tensor(val_labels)
         )
+
+    def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        """The train split's scalar mean and std (known after ``setup``); an image file's
+        pixel ``v/255`` is the ink intensity ``x/16`` of the dataset (light digits on dark)."""
+        return self.stats
 
     def _to_tensor(self, images: np.ndarray, mean: float, std: float) -> torch.Tensor:
         """Normalise [N, 8, 8] images to a float tensor of shape [N, 1, image_size, image_size]."""
@@ -214,6 +244,13 @@ class CIFARDataModule(ImageClassificationDataModule):
         except RuntimeError as error:
             raise self._unavailable(error) from error
 
+    def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        return CIFAR_STATS[self.num_classes]
+
+    def label_names(self) -> list[str]:
+        """The dataset's class names (known after ``setup``)."""
+        return list(self.train_dataset.classes)
+
     def _unavailable(self, error: Exception) -> DatasetUnavailableError:
         where = self.data_dir / self.dataset_class.base_folder
         if self.download:
@@ -258,6 +295,15 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         self.root = root
         self.classes = classes
 
+    crop_pct = 224 / 256  # the validation transform: resize to side·256/224, crop the centre
+
+    def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    def label_names(self) -> list[str]:
+        """The class folder names."""
+        return list(self.classes)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
@@ -276,7 +322,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         val_transform = v2.Compose(
             [
                 v2.ToImage(),
-                v2.Resize(round(self.image_size * 256 / 224)),
+                v2.Resize(round(self.image_size / self.crop_pct)),
                 v2.CenterCrop(self.image_size),
                 *to_normalised_tensor,
             ]

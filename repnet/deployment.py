@@ -8,9 +8,11 @@ recorded architecture, all checked as untrusted input), :func:`convert`, :func:`
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,14 +24,17 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from repnet import quantize
 from repnet.checkpoints import check_manifest, load_checkpoint, replacing, write_whole
 from repnet.config import Open, Seed, Strict, validate
 from repnet.errors import DeployError, UsageError
-from repnet.export import EXPORTERS, Runner
-from repnet.models import build_model
+from repnet.export import EXPORTERS, Runner, onnx_with_metadata
+from repnet.models import build_model, build_pretrained
+from repnet.quantize import Calibration
 from repnet.reparam import Verification, reparameterize, verify
 
 CONFIG_NAME, WEIGHTS_NAME = "config.yaml", "model.safetensors"
+CARD_NAME = "config.json"  # the deploy folder's description of its model
 # What a checkpoint or config may ask deploy to build and feed: beyond these it is refused.
 MAX_CLASSES = 100_000
 MAX_INPUT_CHANNELS = 64
@@ -43,18 +48,40 @@ Side = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE, strict=True)]
 
 
 class DeployOptions(Strict):
-    """``deploy``'s options (``configs/deploy.yaml``) with the values each accepts."""
+    """``deploy``'s options (``command_configs/deploy.yaml``) with the values each accepts."""
 
     ckpt_path: Path
     config: Path | None = None
+    model: str | None = None
+    input_size: tuple[Channels, Side, Side] | None = None
     out_dir: Path | None = None
-    export: list[Literal["onnx", "pt2"]] = Field(default_factory=list)
+    export: list[Literal["onnx", "pt2", "onnx_int8"]] = Field(default_factory=list)
     export_batch: Count | None = None
     max_rel: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1e-4
     random_inputs: Count = 8
-    real_batches: Annotated[int, Field(ge=0, le=64, strict=True)] = 1
+    real_batches: Annotated[int, Field(ge=0, le=64, strict=True)] = 4
     latency_seconds: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] = 0.05
     seed: Seed = 0
+    max_int8_drop: Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)] = 1.0
+    int8_calibration: Calibration = "minmax"
+    int8_per_channel: Annotated[bool, Field(strict=True)] = True
+    calibration_images: Annotated[int, Field(ge=1, le=65536, strict=True)] = 256
+
+
+class Preprocessing(Strict):
+    """``ImageClassificationDataModule.preprocessing``: timm's ``pretrained_cfg`` keys for
+    resize, crop and normalisation, and the class names."""
+
+    input_size: tuple[Channels, Side, Side]
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    crop_pct: Annotated[float, Field(gt=0, le=1)] = 1.0
+    crop_mode: Literal["center"] = "center"
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+    label_names: list[str] | None = None
+
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}
 
 
 class Architecture(Open):
@@ -67,10 +94,12 @@ class Architecture(Open):
 
 
 class Recorded(Open):
-    """What a run records of its model: ``architecture`` and one sample's ``[C, H, W]``."""
+    """What a run records of its model: ``architecture``, one sample's ``[C, H, W]`` and how
+    an image file becomes an input (``preprocessing``, absent in older runs)."""
 
     architecture: dict[str, Any]
     input_size: tuple[Channels, Side, Side]
+    preprocessing: Preprocessing | None = None
 
 
 @dataclass
@@ -82,16 +111,18 @@ class Source:
     architecture: dict[str, Any]
     input_size: list[int]
     run_config: dict[str, Any] | None
+    preprocessing: dict[str, Any]
 
 
 @dataclass
 class DeployReport:
-    """What ``deploy`` checked, wrote and measured."""
+    """What ``deploy`` checked, wrote and measured (``int8``: the int8 export's accuracy)."""
 
     out_dir: Path
     checks: dict[str, Verification]
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    int8: quantize.Int8Accuracy | None = None
 
     def table(self) -> str:
         header = ("form", "parameters", "MFLOPs/image", "CPU ms, batch 1", "file", "MB")
@@ -141,23 +172,30 @@ def find_run_config(ckpt_path: Path, config: Path | None) -> tuple[Path, dict] |
     return None
 
 
-def recorded(where: Path, source: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
-    """``build_model`` keywords and ``[C, H, W]`` from a run's record, checked like user input."""
+Description = tuple[dict[str, Any], list[int], dict[str, Any] | None]
+
+
+def recorded(where: Path, source: Mapping[str, Any]) -> Description:
+    """``build_model`` keywords, ``[C, H, W]`` and the preprocessing (``None``: not
+    recorded) from a run's record, checked like user input."""
     try:
         validate(Recorded, source)
         validate(Architecture, source["architecture"], "architecture")
     except UsageError as error:
         raise DeployError(f"{where}: {error}") from None
-    return dict(source["architecture"]), list(source["input_size"])
+    return dict(source["architecture"]), list(source["input_size"]), source.get("preprocessing")
 
 
 def describe(
     ckpt_path: Path, hyper_parameters: Any, run_config: tuple[Path, dict] | None
-) -> tuple[dict[str, Any], list[int]]:
-    """The architecture and input size from the run config, else from the checkpoint."""
+) -> Description:
+    """The architecture, input size and preprocessing from the run config, else from the
+    checkpoint, else from a deploy folder's ``config.json`` beside it."""
     for where, source in (run_config or (None, None), (ckpt_path, hyper_parameters)):
         if isinstance(source, dict) and "architecture" in source and "input_size" in source:
             return recorded(where, source)
+    if (ckpt_path.parent / CARD_NAME).is_file():  # weights in a deploy folder
+        return read_card(ckpt_path.parent / CARD_NAME)
     raise DeployError(
         "cannot tell the architecture: the checkpoint holds none and no run config.yaml was "
         "found beside it; pass config=<run>/config.yaml"
@@ -234,13 +272,34 @@ def load_model(architecture: dict[str, Any], state: dict[str, Tensor]) -> nn.Mod
     return fill(skeleton, state, what)
 
 
-def load(ckpt_path: Path, run_config: tuple[Path, dict] | None) -> Source:
-    """Step 1: the weights (``weights_only``, checksums checked) in their checked architecture."""
-    checkpoint = load_checkpoint(ckpt_path)
-    architecture, input_size = describe(ckpt_path, checkpoint.hyper_parameters, run_config)
+def load(options: DeployOptions, run_config: tuple[Path, dict] | None) -> Source:
+    """Step 1: the weights (``weights_only``, checksums checked) in their checked architecture:
+    a repnet run's, or published weights of ``options.model`` (any layout
+    :func:`~repnet.models.build_pretrained` reads)."""
+    if options.model is not None:
+        return load_published(options)
+    checkpoint = load_checkpoint(options.ckpt_path)
+    architecture, input_size, preprocessing = describe(
+        options.ckpt_path, checkpoint.hyper_parameters, run_config
+    )
     model = load_model(architecture, checkpoint.state_dict)
     config = run_config[1] if run_config else None
-    return Source(ckpt_path, model, architecture, input_size, config)
+    return Source(options.ckpt_path, model, architecture, input_size, config, preprocessing)
+
+
+def load_published(options: DeployOptions) -> Source:
+    """Published weights as ``options.model``; inputs of ``options.input_size`` (default
+    ``[3, 224, 224]``) preprocessed as ImageNet models are."""
+    channels = options.input_size[0] if options.input_size else 3
+    model, report = build_pretrained(options.model, options.ckpt_path, in_channels=channels)
+    architecture = report.architecture
+    try:
+        validate(Architecture, architecture, "architecture")
+    except UsageError as error:
+        raise DeployError(f"{options.ckpt_path}: {error}") from None
+    input_size = list(options.input_size or (architecture["in_channels"], 224, 224))
+    preprocessing = {"input_size": input_size, "interpolation": "bilinear", **IMAGENET}
+    return Source(options.ckpt_path, model, architecture, input_size, None, preprocessing)
 
 
 # ---- convert, check ----
@@ -259,14 +318,23 @@ def convert(source: Source, options: DeployOptions) -> nn.Module:
     return deployed
 
 
-def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | None, str]:
-    """Real validation images from the run's data, when it is a repnet dataset that is here.
+@dataclass
+class RealData:
+    """Images of the run's own data with their labels, or ``None`` and a note saying why not."""
+
+    images: Tensor | None
+    labels: Tensor | None
+    note: str
+
+
+def run_datamodule(run_config: dict | None) -> tuple[Any, str]:
+    """The run's data module (not set up), or ``None`` and why not.
 
     The config is untrusted: only repnet's own data modules are built, from plain values.
     """
     data = dict(run_config.get("data") or {}) if run_config is not None else {}
-    if batches < 1 or not data:
-        return None, "no real data: random inputs only"
+    if not data:
+        return None, "no real data"
     from repnet.data import DATAMODULES  # Lightning: only when there is data to read
 
     classes = {getattr(f, "func", f) for f in DATAMODULES.values()}
@@ -277,15 +345,52 @@ def validation_batch(run_config: dict | None, batches: int) -> tuple[Tensor | No
         data["download"] = False  # deploying never downloads
     plain = all(isinstance(v, str | int | float | bool | type(None)) for v in data.values())
     if datamodule_class is None or not plain:
-        return None, "the run's data is not a plain repnet dataset config: random inputs only"
+        return None, "the run's data is not a plain repnet dataset config"
     try:
-        datamodule = datamodule_class(**data)
+        return datamodule_class(**data), ""
+    except Exception as error:
+        return None, f"real data unavailable ({type(error).__name__}: {error})"
+
+
+def validation_batch(run_config: dict | None, batches: int) -> RealData:
+    """``batches`` batches of real validation images and labels from the run's data, when it
+    is a repnet dataset that is here."""
+    datamodule, why = run_datamodule(run_config) if batches >= 1 else (None, "no real data")
+    if datamodule is None:
+        return RealData(None, None, f"{why}: random inputs only")
+    try:
         datamodule.setup("validate")
         loader = iter(datamodule.val_dataloader())
-        images = torch.cat([next(loader)[0] for _ in range(batches)])
+        parts = zip(*[next(loader) for _ in range(batches)])  # (images, labels) per batch
+        images, labels = (torch.cat(part) for part in parts)
     except (Exception, StopIteration) as error:
-        return None, f"real data unavailable ({type(error).__name__}: {error}): random inputs only"
-    return images, f"{len(images)} real validation images"
+        note = f"real data unavailable ({type(error).__name__}: {error}): random inputs only"
+        return RealData(None, None, note)
+    return RealData(images, labels, f"{len(images)} real validation images")
+
+
+def training_images(run_config: dict | None, count: int, seed: int) -> RealData:
+    """The first ``count`` images (fewer if the split is smaller) of the run's training data
+    as its train loader gives them (shuffled, augmented; seeded), to calibrate int8 on."""
+    datamodule, why = run_datamodule(run_config)
+    if datamodule is None:
+        return RealData(None, None, why)
+    parts, total = [], 0
+    try:
+        datamodule.setup("fit")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for images, _ in datamodule.train_dataloader():
+                parts.append(images)
+                total += len(images)
+                if total >= count:
+                    break
+    except Exception as error:
+        return RealData(None, None, f"training data unavailable ({_first_line(error)})")
+    if not parts:
+        return RealData(None, None, "the training split is empty")
+    images = torch.cat(parts)[:count]
+    return RealData(images, None, f"{len(images)} training images")
 
 
 def random_inputs(source: Source, options: DeployOptions) -> Tensor:
@@ -311,37 +416,92 @@ def refuse_if_over(checks: dict[str, Verification], max_rel: float, what: str) -
 
 def check(
     source: Source, deployed: nn.Module, inputs: Tensor, options: DeployOptions
-) -> tuple[dict[str, Verification], str]:
+) -> tuple[dict[str, Verification], RealData]:
     """Step 3: the deploy form against the train form on random and real inputs, within
-    ``max_rel``; returns the checks and a note on the data used."""
+    ``max_rel``; returns the checks and the real data used (images, labels, a note)."""
     try:
         checks = {"random inputs": verify(source.model, deployed, inputs)}
     except RuntimeError as error:
         raise DeployError(
             f"the model does not take inputs of size {source.input_size}: {_first_line(error)}"
         ) from None
-    real, note = validation_batch(source.run_config, options.real_batches)
-    if real is not None:
-        checks["real validation data"] = verify(source.model, deployed, real)
+    real = validation_batch(source.run_config, options.real_batches)
+    if real.images is not None:
+        checks["real validation data"] = verify(source.model, deployed, real.images)
     refuse_if_over(checks, options.max_rel, "the deploy form")
-    return checks, note
+    return checks, real
 
 
 # ---- write, export ----
 
 
-def write(folder: Path, source: Source, deployed: nn.Module, checks: dict) -> None:
-    """Step 4: the deploy-form weights and a config of the architecture and the checks."""
-    state = {k: v.contiguous() for k, v in deployed.state_dict().items()}
-    write_whole(folder / WEIGHTS_NAME, safetensors_bytes(state))
-    record = {
-        "architecture": source.architecture,
-        "input_size": source.input_size,
-        "deploy": True,
-        "source": str(source.path.resolve()),
-        "verification": {name: vars(result) for name, result in checks.items()},
+def model_card(source: Source, checks: dict[str, Verification]) -> dict[str, Any]:
+    """``config.json``: the model in the keys timm and the Hugging Face hub use
+    (``architecture``, ``num_classes``, ``pretrained_cfg`` with resize, crop and
+    normalisation, ``label_names``), ``model_args`` for ``build_model``, and repnet's record
+    (version, source file name, checks). No path of this machine."""
+    architecture = dict(source.architecture)
+    name, num_classes = architecture.pop("name"), architecture.pop("num_classes")
+    preprocessing = dict(source.preprocessing or {"input_size": source.input_size})
+    labels = preprocessing.pop("label_names", None) or [str(i) for i in range(num_classes)]
+    return {
+        "architecture": name,
+        "num_classes": num_classes,
+        "model_args": architecture,
+        "pretrained_cfg": {**preprocessing, "num_classes": num_classes},
+        "label_names": labels,
+        "repnet": {
+            "version": version("repnet"),
+            "form": "deploy",
+            "source": source.path.name,
+            "verification": {name: vars(result) for name, result in checks.items()},
+        },
     }
-    write_whole(folder / CONFIG_NAME, yaml.safe_dump(record, sort_keys=False).encode())
+
+
+def read_card(path: Path) -> Description:
+    """A ``config.json`` as ``(architecture, input_size, preprocessing)``, checked like any
+    untrusted record."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise DeployError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes: not a config")
+        text = path.read_text()
+    except OSError as error:
+        raise DeployError(f"{path} cannot be read ({_first_line(error)})") from None
+    return card_description(text, path)
+
+
+def card_description(text: str, where: Path) -> Description:
+    """A model card's JSON text (from ``config.json`` or a file's metadata) as
+    ``(architecture, input_size, preprocessing)``."""
+    try:
+        card = json.loads(text)
+        preprocessing = dict(card["pretrained_cfg"])
+        if "label_names" in card:
+            preprocessing["label_names"] = card["label_names"]
+        preprocessing.pop("num_classes", None)
+        architecture = {
+            "name": card["architecture"],
+            "num_classes": card["num_classes"],
+            **card["model_args"],
+        }
+        record = {"architecture": architecture, "input_size": preprocessing["input_size"]}
+    except Exception as error:  # decoding, JSON, depth, type and key errors of many kinds
+        raise DeployError(f"{where} holds no model card ({_first_line(error)})") from None
+    if "mean" in preprocessing:  # recorded by the run (not by runs of older versions)
+        record["preprocessing"] = preprocessing
+    return recorded(where, record)
+
+
+def write(folder: Path, source: Source, deployed: nn.Module, checks: dict) -> dict[str, Any]:
+    """Step 4: the deploy-form weights (the model card in their ``__metadata__``) and the
+    model card, ``config.json``; returns the card."""
+    card = model_card(source, checks)
+    state = {k: v.contiguous() for k, v in deployed.state_dict().items()}
+    metadata = {"config": json.dumps(card)}  # one key: a map of several is written in any order
+    write_whole(folder / WEIGHTS_NAME, safetensors_bytes(state, metadata=metadata))
+    write_whole(folder / CARD_NAME, json.dumps(card, indent=2).encode())
+    return card
 
 
 def _first_line(error: BaseException) -> str:
@@ -349,11 +509,19 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def exported(name: str, model: nn.Module, example: Tensor, folder: Path, dynamic: bool) -> Runner:
-    """One export written into ``folder`` and loaded back from its file."""
+def exported(
+    name: str, model: nn.Module, example: Tensor, folder: Path, dynamic: bool, **settings: Any
+) -> Runner:
+    """One export written into ``folder`` (an ONNX file with the model card, ``config``, in
+    its metadata) and loaded back from its file; ``settings`` go to its ``serialize`` (a
+    lossy export's calibration data and options)."""
     target = EXPORTERS[name]
     try:
-        write_whole(folder / target.filename, target.serialize(model, example, dynamic))
+        blob = target.serialize(model, example, dynamic, **settings)
+        if target.filename.endswith(".onnx"):  # the model card, as config.json holds it
+            card = (folder / CARD_NAME).read_text()
+            blob = onnx_with_metadata(blob, {"config": card, "repnet_version": version("repnet")})
+        write_whole(folder / target.filename, blob)
         return target.load(folder / target.filename)
     except (DeployError, OSError):
         raise
@@ -364,14 +532,103 @@ def exported(name: str, model: nn.Module, example: Tensor, folder: Path, dynamic
 def export(
     folder: Path, deployed: nn.Module, example: Tensor, options: DeployOptions, checks: dict
 ) -> dict[str, Runner]:
-    """Step 5: each format asked for, written, loaded back and checked on ``example``."""
+    """Step 5: each lossless format asked for, written, loaded back and checked on
+    ``example``; a lossy one is :func:`export_int8`'s."""
     runners = {}
     for name in dict.fromkeys(options.export):  # each once, in the order given
+        if EXPORTERS[name].lossy:
+            continue
         runner = exported(name, deployed, example, folder, options.export_batch is None)
         result = verify(deployed, runner, example)
         refuse_if_over({name: result}, options.max_rel, f"the {name} export")
         checks[f"{name} vs deploy form"], runners[name] = result, runner
     return runners
+
+
+# ---- int8 ----
+
+INT8 = "onnx_int8"
+CALIBRATION_BATCH = 64  # images per calibration batch where the export takes any batch
+
+
+@dataclass
+class Int8Data:
+    """What the int8 export is calibrated on (equal batches of the run's training images)
+    and checked on (its labelled validation images)."""
+
+    calibration: list[Any]  # numpy arrays, as ONNX Runtime takes them
+    images: Tensor
+    labels: Tensor
+    note: str
+
+
+def int8_data(source: Source, options: DeployOptions, real: RealData) -> Int8Data | None:
+    """Calibration batches and labelled validation images when ``onnx_int8`` is asked for;
+    refused where the run's training or validation data is not here (random inputs would
+    calibrate nothing meaningful and measure no accuracy)."""
+    if INT8 not in options.export:
+        return None
+    if options.calibration_images * math.prod(source.input_size) > MAX_VERIFY_VALUES:
+        raise DeployError(
+            f"{options.calibration_images} calibration images of size {source.input_size} "
+            f"exceed {MAX_VERIFY_VALUES:,} numbers; lower calibration_images"
+        )
+    train = training_images(source.run_config, options.calibration_images, options.seed)
+    if train.images is None:
+        raise DeployError(
+            f"export {INT8!r} calibrates on the run's training data, which is not here "
+            f"({train.note}); random inputs would calibrate nothing meaningful"
+        )
+    if real.labels is None:
+        raise DeployError(
+            f"export {INT8!r} is checked on the run's labelled validation data, which deploy "
+            f"did not read ({real.note}); it needs real_batches of 1 or more"
+        )
+    batch = options.export_batch or min(CALIBRATION_BATCH, len(train.images))
+    if len(train.images) < batch:
+        raise DeployError(f"{train.note} do not fill one calibration batch of {batch}")
+    batches = quantize.equal_batches(train.images, batch)
+    mode = "per-channel" if options.int8_per_channel else "per-tensor"
+    note = (
+        f"int8 calibrated on {len(batches) * batch} training images ({len(batches)} batches "
+        f"of {batch}, {options.int8_calibration}), {mode} weights"
+    )
+    return Int8Data(batches, real.images, real.labels, note)
+
+
+def export_int8(
+    folder: Path,
+    deployed: nn.Module,
+    example: Tensor,
+    options: DeployOptions,
+    checks: dict,
+    data: Int8Data,
+) -> tuple[Runner, quantize.Int8Accuracy, list[str]]:
+    """Step 5b: the int8 ONNX export, written, loaded back and checked on the labelled
+    validation images: refused when it loses more than ``max_int8_drop`` accuracy points
+    (it is not held to ``max_rel``: int8 is lossy). Writes the per-layer report beside it;
+    returns the runner, its accuracy and notes (calibration, accuracy, the weakest layers)."""
+    settings = {"per_channel": options.int8_per_channel, "method": options.int8_calibration}
+    dynamic = options.export_batch is None
+    runner = exported(
+        INT8, deployed, example, folder, dynamic, calibration=data.calibration, **settings
+    )
+
+    def int8(x: Tensor) -> Tensor:
+        return quantize.run_in_batches(runner, x, options.export_batch)
+
+    with torch.no_grad():
+        accuracy = quantize.compare(deployed(data.images), int8(data.images), data.labels)
+    checks[f"{INT8} vs deploy form"] = verify(deployed, int8, data.images)
+    if not (accuracy.drop <= options.max_int8_drop and math.isfinite(accuracy.max_logit_error)):
+        raise DeployError(
+            f"the {INT8} export loses more than max_int8_drop={options.max_int8_drop:g} "
+            f"accuracy points: {accuracy}; nothing was written"
+        )
+    layers = quantize.layer_report(deployed, [torch.from_numpy(b) for b in data.calibration])
+    write_whole(folder / quantize.CSV_NAME, quantize.report_csv(layers))
+    worst = quantize.worst_layers(layers, options.int8_per_channel)
+    return runner, accuracy, [data.note, str(accuracy), worst]
 
 
 # ---- report ----
@@ -434,28 +691,35 @@ def deploy(ckpt_path: str | Path, **options: Any) -> DeployReport:
     with ``model.safetensors``, ``config.yaml``, each ``export`` and ``manifest.json``;
     nothing is written if a check fails. ``options``: :class:`DeployOptions`."""
     options = parse_options({"ckpt_path": ckpt_path, **options})
-    run_config = find_run_config(options.ckpt_path, options.config)
+    published = options.model is not None
+    run_config = None if published else find_run_config(options.ckpt_path, options.config)
     out = options.out_dir or default_out_dir(options.ckpt_path)
     inputs = [options.ckpt_path, *([run_config[0]] if run_config else [])]
     with replacing(out, keep=[path for path in inputs if path.exists()]) as stage:
-        source = load(options.ckpt_path, run_config)
+        source = load(options, run_config)
         deployed = convert(source, options)
         examples = random_inputs(source, options)
-        checks, note = check(source, deployed, examples, options)
+        checks, real = check(source, deployed, examples, options)
+        int8, notes, accuracy = int8_data(source, options, real), [real.note], None
         with stage() as folder:
             write(folder, source, deployed, checks)
             export_example = examples[: options.export_batch or 2]  # 1 would specialise
             runners = export(folder, deployed, export_example, options, checks)
+            if int8 is not None:
+                runners[INT8], accuracy, int8_notes = export_int8(
+                    folder, deployed, export_example, options, checks, int8
+                )
+                notes += int8_notes
     rows = report(out, source, deployed, runners, examples, options)
-    return DeployReport(out, checks, rows, [note])
+    return DeployReport(out, checks, rows, notes, accuracy)
 
 
 def load_deployed(out_dir: str | Path) -> nn.Module:
     """The deploy-form model written by ``deploy``: its files checked against the manifest,
     its config read as plain typed data, a fused skeleton filled with the weights."""
     folder = Path(out_dir).resolve()  # one set, even if a new deploy replaces it meanwhile
-    check_manifest(folder, [CONFIG_NAME, WEIGHTS_NAME])
-    architecture, _ = recorded(folder / CONFIG_NAME, read_yaml(folder / CONFIG_NAME))
+    check_manifest(folder, [CARD_NAME, WEIGHTS_NAME])
+    architecture, _, _ = read_card(folder / CARD_NAME)
     state = load_checkpoint(folder / WEIGHTS_NAME).state_dict
-    what = f"{folder / WEIGHTS_NAME} does not fit its {CONFIG_NAME}"
+    what = f"{folder / WEIGHTS_NAME} does not fit its {CARD_NAME}"
     return fill(deploy_skeleton(architecture), state, what)

@@ -4,14 +4,16 @@ loaded back from its file, so what is checked and timed is what was written."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from repnet.errors import DeployError
+from repnet.quantize import Calibration, quantize_onnx
 
 Runner = Callable[[Tensor], Tensor]
 
@@ -19,11 +21,14 @@ Runner = Callable[[Tensor], Tensor]
 @dataclass(frozen=True)
 class Format:
     """An export: its file name, its bytes for a model and an example batch (``True``: the
-    batch axis dynamic), and a runner loaded back from the file."""
+    batch axis dynamic), and a runner loaded back from the file. A ``lossy`` export (int8)
+    is not held to the float tolerance: deploy checks its accuracy instead, and its
+    ``serialize`` takes keywords (calibration data, settings)."""
 
     filename: str
-    serialize: Callable[[nn.Module, Tensor, bool], bytes]
+    serialize: Callable[..., bytes]
     load: Callable[[Path], Runner]
+    lossy: bool = False
 
 
 def _shapes(dynamic_batch: bool) -> tuple[dict[int, torch.export.Dim]] | None:
@@ -61,6 +66,21 @@ def load_onnx(path: Path) -> Runner:
     return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
+def onnx_int8_bytes(
+    model: nn.Module,
+    example: Tensor,
+    dynamic_batch: bool,
+    *,
+    calibration: Sequence[np.ndarray],
+    per_channel: bool = True,
+    method: Calibration = "minmax",
+) -> bytes:
+    """The ONNX export quantized to static int8 QDQ by ONNX Runtime, calibrated on
+    ``calibration`` (equal batches of real images): :func:`repnet.quantize.quantize_onnx`."""
+    fp32 = onnx_bytes(model, example, dynamic_batch)
+    return quantize_onnx(fp32, calibration, per_channel=per_channel, calibration=method)
+
+
 def pt2_bytes(model: nn.Module, example: Tensor, dynamic_batch: bool) -> bytes:
     """A ``torch.export`` program as ``torch.export.save`` writes it."""
     program = torch.export.export(model, (example,), dynamic_shapes=_shapes(dynamic_batch))
@@ -78,4 +98,16 @@ def load_pt2(path: Path) -> Runner:
 EXPORTERS: dict[str, Format] = {
     "onnx": Format("model.onnx", onnx_bytes, load_onnx),
     "pt2": Format("model.pt2", pt2_bytes, load_pt2),
+    "onnx_int8": Format("model_int8.onnx", onnx_int8_bytes, load_onnx, lossy=True),
 }
+
+
+def onnx_with_metadata(model: bytes, metadata: dict[str, str]) -> bytes:
+    """An ONNX model's bytes with ``metadata`` added to its ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    onnx.helper.set_model_props(
+        proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata}
+    )
+    return proto.SerializeToString()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from repnet.models import build_model
+from repnet.models.pretrained import head_and_backbone
 
 DEFAULT_OPTIM = {
     "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9},
@@ -27,7 +28,8 @@ DEFAULT_OPTIM = {
 
 class Classifier(pl.LightningModule):
     """Cross-entropy training of ``build_model(**architecture)``: loss and accuracy logged;
-    weight decay only on weights of two or more dimensions (not on BN, scales, biases)."""
+    weight decay only on weights of two or more dimensions (not on BN, scales, biases);
+    ``optim.backbone_lr`` scales the LR of all but the classifier."""
 
     def __init__(
         self,
@@ -35,10 +37,13 @@ class Classifier(pl.LightningModule):
         input_size: list[int],
         optim: dict[str, Any] | None = None,
         label_smoothing: Annotated[float, Field(ge=0, le=1)] = 0.0,
+        preprocessing: dict[str, Any] | None = None,
     ):
         """``architecture`` is ``build_model``'s keywords (name, block, num_classes, …);
         ``input_size`` one sample's ``[C, H, W]``; ``optim`` the ``optimizer`` and
-        ``scheduler`` configs (``_target_`` + ``_partial_``) and the schedule ``interval``."""
+        ``scheduler`` configs (``_target_`` + ``_partial_``) and the schedule ``interval``;
+        ``preprocessing`` how an image file becomes an input, and the label names (kept for
+        deploy and predict, see ``ImageClassificationDataModule.preprocessing``)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(**architecture)
@@ -95,16 +100,32 @@ class Classifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, tuple | list) else batch
         return self(images).softmax(1)
 
+    def parameter_groups(self, backbone_lr: float) -> list[dict[str, Any]]:
+        """Weights (decayed) and the rest (not); with ``backbone_lr`` ≠ 1 the classifier's and
+        the backbone's apart, the backbone's marked to run at ``backbone_lr`` × the LR."""
+        parts = {"": list(self.model.parameters())}
+        if backbone_lr != 1:
+            head, backbone = head_and_backbone(self.model)
+            parts = {"head_": head, "backbone_": backbone}
+        groups = [
+            {
+                "params": [p for p in params if (p.ndim > 1) == decay],
+                "name": f"{part}{'decay' if decay else 'no_decay'}",
+                **({} if decay else {"weight_decay": 0.0}),
+                **({"lr_scale": backbone_lr} if part == "backbone_" else {}),
+            }
+            for part, params in parts.items()
+            for decay in (True, False)
+        ]
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = {**DEFAULT_OPTIM, **(self.hparams.optim or {})}
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
         optimizer = instantiate(optim["optimizer"])(
-            [
-                {"params": decay, "name": "decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-            ]
+            self.parameter_groups(optim.get("backbone_lr", 1.0))
         )
+        for group in optimizer.param_groups:
+            group["lr"] *= group.pop("lr_scale", 1.0)
         if not optim.get("scheduler"):
             return {"optimizer": optimizer}
         schedule = instantiate(optim["scheduler"])

@@ -6,7 +6,6 @@ import contextlib
 import csv
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -21,11 +20,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
 
 from repnet.checkpoints import AtomicCheckpointIO, load_checkpoint
 from repnet.config import check_train_config
 from repnet.costs import mflops_per_image, parameters
-from repnet.errors import UsageError
+from repnet.errors import CheckpointError, UsageError, refuse
+from repnet.models import load_pretrained
 from repnet.module import Classifier
 from repnet.reparam import reparameterize
 
@@ -73,18 +74,30 @@ def prepare(cfg: DictConfig) -> Run:
 
 
 def build_module(config: dict[str, Any], datamodule) -> Classifier:
+    """The module for ``config``'s model on ``datamodule``'s images, holding the weights of
+    ``model.pretrained`` when given (a classifier of another class count re-initialised)."""
+    options = dict(config["model"])
+    pretrained = options.pop("pretrained", None)
     architecture = {
-        **config["model"],
+        **options,
         "block": config["block"],
         "num_classes": datamodule.num_classes,
         "in_channels": datamodule.in_channels,
     }
-    return Classifier(
+    module = Classifier(
         architecture=architecture,
         input_size=[datamodule.in_channels, datamodule.image_size, datamodule.image_size],
         optim=config["optim"],
         label_smoothing=config["label_smoothing"],
+        preprocessing=datamodule.preprocessing(),
     )
+    if pretrained is not None and config["ckpt_path"] is None:  # a resumed run has its own
+        try:
+            report = load_pretrained(module.model, pretrained)
+        except CheckpointError as error:
+            raise UsageError(f"model.pretrained: {error}") from None
+        rank_zero_info(f"model.pretrained {pretrained}: {report}")
+    return module
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
@@ -113,7 +126,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero and not (run_dir / "config.yaml").exists():
-        shape = {key: run.module.hparams[key] for key in ("architecture", "input_size")}
+        recorded = ("architecture", "input_size", "preprocessing")
+        shape = {key: run.module.hparams[key] for key in recorded}
         OmegaConf.save(OmegaConf.create({**run.config, **shape}), run_dir / "config.yaml")
     trainer.fit(
         run.module, datamodule=run.datamodule, ckpt_path=run.config["ckpt_path"], weights_only=True
@@ -242,12 +256,6 @@ def differences(saved: Any, current: Any, name: str) -> list[str]:
             for line in differences(saved.get(key), current.get(key), f"{name}.{key}")
         ]
     return [] if saved == current else [f"{name}: {saved!r} in the checkpoint, {current!r} here"]
-
-
-def refuse(error: UsageError) -> None:
-    """``<program>: error: <message>`` on stderr, exit code 1."""
-    print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-    sys.exit(1)
 
 
 class Preflight(HydraCallback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_deploy_writes_verified_files_that_load_back(run_dir, tmp_path):
     report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, export=["onnx", "pt2"])
     assert {p.name for p in out.iterdir()} == {
         "model.safetensors",
-        "config.yaml",
+        "config.json",
         "model.onnx",
         "model.pt2",
         "manifest.json",
@@ -120,7 +121,7 @@ def test_a_tolerance_that_is_not_met_fails_and_writes_nothing(run_dir, tmp_path)
         ("real_batches", -1, "greater than or equal to 0"),
         ("latency_seconds", -1, "greater than or equal to 0"),
         ("seed", 2**64, "less than or equal to 4294967295"),
-        ("export", ["tflite"], "'onnx' or 'pt2'"),
+        ("export", ["tflite"], "'onnx', 'pt2' or 'onnx_int8'"),
         ("latency_runs", 3, "Extra inputs are not permitted"),
     ],
 )
@@ -194,7 +195,7 @@ def bad_file(kind: str, run_dir: Path, tmp_path: Path) -> tuple[Path, str]:
     if kind == "other_architecture":
         other = compose(["model=cifar", "block=plain"])
         model = repnet.models.build_model(
-            **dict(other.model), block="plain", num_classes=10, in_channels=1
+            name=other.model.name, block="plain", num_classes=10, in_channels=1
         )
         torch.save(model.state_dict(), path)
         return path, "missing: "
@@ -236,7 +237,10 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("export=[onnx,tflite]", "export: Input should be 'onnx' or 'pt2' (got 'tflite')"),
+        (
+            "export=[onnx,tflite]",
+            "export: Input should be 'onnx', 'pt2' or 'onnx_int8' (got 'tflite')",
+        ),
         ("max_rel=abc", "max_rel: Input should be a valid number (got 'abc')"),
         ("max_rel=-1e-4", "max_rel: Input should be greater than or equal to 0 (got -0.0001)"),
         ("+foo=1", "foo: Extra inputs are not permitted (got 1)"),
@@ -289,16 +293,26 @@ def test_a_new_deploy_leaves_no_file_of_an_older_one(run_dir, tmp_path):
 # ---- proposed by the mutation audit ----
 
 
-def test_written_config_and_report_rows_describe_what_was_checked(run_dir, tmp_path):
-    from omegaconf import OmegaConf
+def test_the_written_model_card_describes_the_model_and_what_was_checked(run_dir, tmp_path):
+    """``config.json`` in timm's hub shape: architecture, classes, preprocessing, label names;
+    the same card in the safetensors metadata; no path of this machine."""
+    from safetensors import safe_open
 
     out = tmp_path / "deploy"
     report = deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
-    written = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
-    assert written["deploy"] is True and written["input_size"] == [1, 8, 8]
-    assert written["verification"] == {name: vars(c) for name, c in report.checks.items()}
-    assert set(written["verification"]) == {"random inputs", "real validation data"}
-    assert [row["file"] for row in report.rows] == ["last.ckpt", "model.safetensors"]
+    text = (out / "config.json").read_text()
+    card = json.loads(text)
+    assert card["architecture"] == "tiny" and card["num_classes"] == 10
+    assert card["label_names"] == [str(digit) for digit in range(10)]
+    cfg = card["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 8, 8] and cfg["crop_pct"] == 1.0 and len(cfg["mean"]) == 1
+    assert card["model_args"]["in_channels"] == 1 and "block" in card["model_args"]
+    verification = card["repnet"]["verification"]
+    assert verification == {name: vars(c) for name, c in report.checks.items()}
+    assert set(verification) == {"random inputs", "real validation data"}
+    assert card["repnet"]["source"] == "last.ckpt" and str(tmp_path) not in text
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert json.loads(weights.metadata()["config"]) == card
 
 
 def test_a_checkpoint_with_nan_weights_fails_and_writes_nothing(run_dir, tmp_path):
@@ -412,6 +426,6 @@ def test_written_files_get_the_usual_permissions(run_dir, tmp_path):
     out = tmp_path / "deploy"
     deploy(run_dir / "checkpoints" / "last.ckpt", out_dir=out, latency_seconds=0)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    names = ["model.safetensors", "config.yaml", "manifest.json"]
+    names = ["model.safetensors", "config.json", "manifest.json"]
     assert modes == dict.fromkeys(names, 0o666 & ~umask)
     assert out.resolve().stat().st_mode & 0o777 == 0o777 & ~umask

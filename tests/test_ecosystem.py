@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repnet
-from repnet.errors import CheckpointError
+from repnet.errors import CheckpointError, UsageError
 from repnet.models import PlainNet, PlainSpec, build_model
 from repnet.models.pretrained import (
     build_pretrained,
@@ -277,3 +277,75 @@ def test_fine_tuning_reinitialises_a_classifier_of_another_size_and_refuses_the_
     assert len(heads) == 2 and len(backbone) == len(list(model.parameters())) - 2
     with pytest.raises(CheckpointError, match=r"resized: stages\.0\.0"):
         load_pretrained(build_model("tiny", num_classes=10, in_channels=3), path)
+
+
+def test_train_starts_from_timm_weights_with_a_new_classifier_and_a_slower_backbone(tmp_path):
+    """``model.pretrained=<timm file>``: the backbone holds timm's weights, the 10-class head
+    is new, the backbone's groups run at ``optim.backbone_lr`` × the LR, and the run trains."""
+    from helpers import QUICK, compose
+    from safetensors.torch import save_file
+
+    from repnet.config import check_train_config
+    from repnet.data import DigitsDataModule
+    from repnet.training import build_module, train
+
+    theirs = timm.create_model("repvgg_a0", num_classes=5, in_chans=1)
+    path = tmp_path / "repvgg_a0.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, path)
+    overrides = [
+        "model=repvgg_a0",
+        "block=repvgg",
+        f"model.pretrained={path}",
+        "optim.backbone_lr=0.1",
+        "data.batch_size=16",
+        *QUICK,
+    ]
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    config = check_train_config(compose([*overrides, "optim.scheduler=null"]))
+    module = build_module(config, datamodule)
+    expected = to_repnet(theirs.state_dict())
+    state = module.model.state_dict()
+    backbone = [k for k in expected if not k.startswith("head.")]
+    assert all(torch.equal(state[k], expected[k]) for k in backbone)
+    assert module.model.head.out_features == 10
+    optimizer = module.configure_optimizers()
+    lrs = {group["name"]: group["lr"] for group in optimizer["optimizer"].param_groups}
+    assert lrs["backbone_decay"] == pytest.approx(0.1 * lrs["head_decay"])
+    summary = train(compose(overrides), tmp_path / "run")
+    assert summary["best_val_acc"] is not None
+    with pytest.raises(UsageError, match=r"model\.pretrained: Path does not point to a file"):
+        check_train_config(compose(["model.pretrained=/no/such/file.pth"]))
+    wrong = [*overrides[:2], f"model.pretrained={path}", "model=tiny"]
+    with pytest.raises(UsageError, match=r"model\.pretrained: the timm weights do not fit"):
+        train(compose(wrong[2:]), tmp_path / "refused")
+
+
+def test_deploy_takes_published_weights_with_a_model_name(tmp_path):
+    """``deploy.py ckpt_path=<timm weights> model=repvgg_a0``: no run needed; the folder's
+    model computes timm's function and describes itself as an ImageNet-style model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from repnet.deployment import deploy
+
+    theirs = randomize_norms(timm.create_model("repvgg_a0", num_classes=7)).eval()
+    path = tmp_path / "repvgg_a0.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, path)
+    out = tmp_path / "deploy"
+    report = deploy(path, model="repvgg_a0", input_size=[3, 64, 64], out_dir=out)
+    assert report.checks["random inputs"].max_rel < 1e-5
+    card = json.loads((out / "config.json").read_text())
+    assert card["architecture"] == "repvgg_a0" and card["num_classes"] == 7
+    assert card["model_args"] == {"in_channels": 3, "block": "repvgg"}
+    assert card["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    assert card["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    assert card["label_names"] == [str(i) for i in range(7)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, ours = theirs(x), repnet.load_deployed(out)(x)
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+    with pytest.raises(UsageError, match="cannot build 'repvgg_z9'"):
+        deploy(path, model="repvgg_z9", out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

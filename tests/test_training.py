@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.flop_counter import FlopCounterMode
 
 from repnet.config import check_train_config
+from repnet.data import FakeDataModule
 from repnet.errors import UsageError
 from repnet.schedules import warmup_cosine
 from repnet.training import build_module, train
@@ -44,6 +45,11 @@ GROUPS = {
 }
 
 
+def set_up(datamodule):
+    datamodule.setup("fit")
+    return datamodule
+
+
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options]
 )
@@ -62,6 +68,9 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
     config = check_train_config(cfg)
     datamodule = instantiate(cfg.data)
     if group in ("model", "block", "experiment"):
+        if cfg.data.get("download"):  # CIFAR is not here: generated images of its shape
+            datamodule = FakeDataModule(datamodule.num_classes, 3, 32)
+        datamodule.setup("fit")
         build_module(config, datamodule)
     instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     for callback in (cfg.callbacks or {}).values():
@@ -92,7 +101,7 @@ def test_every_preset_trains_for_a_few_batches(preset, tmp_path):
 
 def test_the_model_summary_counts_flops_per_image_and_leaves_training_mode_on():
     cfg = compose()
-    module = build_module(check_train_config(cfg), instantiate(cfg.data))
+    module = build_module(check_train_config(cfg), set_up(instantiate(cfg.data)))
     assert module.example_input_array.shape == (1, 1, 8, 8)
     summary = ModelSummary(module, max_depth=1)  # runs the example through the model
     assert all(m.training for m in module.modules())
@@ -109,7 +118,7 @@ def test_dict_valued_trainer_options_reach_lightning_as_dicts(tmp_path):
 
 def test_a_set_example_input_is_kept():
     cfg = compose()
-    module = build_module(check_train_config(cfg), instantiate(cfg.data))
+    module = build_module(check_train_config(cfg), set_up(instantiate(cfg.data)))
     module.example_input_array = torch.zeros(4, 1, 8, 8)
     assert module.example_input_array.shape == (4, 1, 8, 8)
 
@@ -302,6 +311,8 @@ def test_missing_cifar_is_one_clear_error_line(tmp_path):
         (["optim.optimizer.nesterov=maybe"], "optim.optimizer.nesterov: Input should be a valid"),
         (["optim.optimizer._target_=torch.optim.Adamm"], "cannot import 'torch.optim.Adamm'"),
         (["+optim.optimizer.foo=1"], "optim.optimizer.foo: Extra inputs are not permitted"),
+        (["optim.backbone_lr=2"], "optim.backbone_lr: Input should be less than or equal to 1"),
+        (["optim.interval=hour"], "optim.interval: Input should be 'step' or 'epoch'"),
         (["optim.scheduler.warmup=-1"], "optim.scheduler.warmup: Input should be greater"),
         (["trainer.max_epochs=abc"], "trainer.max_epochs: Input should be a valid integer"),
         (

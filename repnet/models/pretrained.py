@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
@@ -252,11 +252,13 @@ def classifier_name(model: nn.Module) -> str:
 @dataclass(frozen=True)
 class PretrainedReport:
     """What :func:`load_pretrained` did: the layout read, tensors loaded, tensors left as
-    initialised (a classifier for another class count)."""
+    initialised (a classifier for another class count); for :func:`build_pretrained` also
+    the model's ``build_model`` keywords."""
 
     layout: str
     loaded: int
     reinitialised: tuple[str, ...] = field(default_factory=tuple)
+    architecture: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = f"loaded {self.loaded} tensors ({self.layout} layout)"
@@ -335,8 +337,9 @@ def build_pretrained(
     **options,
 ) -> tuple[nn.Module, PretrainedReport]:
     """Model ``name`` holding published weights, in their form (train, or deployed for fused
-    weights) and eval mode. ``num_classes`` defaults to the weights'; the block defaults to
-    the layout's (``repvgg``, ``dbb``, ``acb``)."""
+    weights) and eval mode. ``num_classes`` defaults to the weights', the input channels to
+    their first kernel's, the block to the layout's (``repvgg``, ``dbb``, ``acb``); the report's
+    ``architecture`` is the ``build_model`` keywords used."""
     from repnet.models import build_model
     from repnet.reparam import reparameterize
 
@@ -349,13 +352,15 @@ def build_pretrained(
         num_classes = ours["head.weight"].shape[0]
     if num_classes is not None:
         options["num_classes"] = num_classes
+    options.setdefault("in_channels", 3)
+    architecture = {"name": name, **options}
     try:
         if not is_deploy_form(ours):
-            model = build_model(name, **options)
+            model = build_model(**architecture)
             report = load_pretrained(model, ours, "repnet")
-            return model.eval(), PretrainedReport(layout, report.loaded, report.reinitialised)
+            return model.eval(), replace(report, layout=layout, architecture=architecture)
         with torch.device("meta"):
-            model = reparameterize(build_model(name, **options), inplace=True)
+            model = reparameterize(build_model(**architecture), inplace=True)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"cannot build {name!r} with {options}: {error}") from None
     problems, keep = _mismatches(model, ours, classifier_name(model))
@@ -368,7 +373,7 @@ def build_pretrained(
     empty = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if empty:
         raise CheckpointError(f"the {layout} weights leave {_listed(empty)} of {name} unset")
-    return model.eval(), PretrainedReport(layout, len(ours))
+    return model.eval(), PretrainedReport(layout, len(ours), architecture=architecture)
 
 
 def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -1,0 +1,128 @@
+"""ONNX Runtime int8 against fp32 on a trained run: accuracy, agreement, size, latency.
+
+    python benchmarks/int8.py --ckpt outputs/<day>/<time>/checkpoints/last.ckpt
+
+It quantizes the run's deploy form as ``deploy.py 'export=[onnx_int8]'`` does (calibrated on
+the run's training images) in several settings, scores each on the whole validation split
+against the fp32 ONNX model, then times fp32 and the default int8 setting in ONNX Runtime
+on one thread at batch 1 and 32: every round runs each model once per batch size in a new
+random order, and ratios are medians of the per-round ratios (load drift hits both alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from repnet import quantize
+from repnet.checkpoints import load_checkpoint
+from repnet.deployment import find_run_config, load_model, run_datamodule, training_images
+from repnet.export import onnx_bytes
+from repnet.reparam import reparameterize
+
+SETTINGS = {  # name: (per_channel, calibration, float_head); the first is deploy's default
+    "per-channel, minmax, float head": (True, "minmax", True),
+    "per-channel, minmax, int8 head": (True, "minmax", False),
+    "per-channel, percentile, float head": (True, "percentile", True),
+    "per-tensor, minmax, float head": (False, "minmax", True),
+}
+
+
+def session(model: bytes) -> onnxruntime.InferenceSession:
+    """One-thread CPU session of an ONNX model (no spinning threads)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def logits(run: onnxruntime.InferenceSession, images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(run.run(None, {"images": images})[0])
+
+
+def validation_split(run_config: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """The run's whole validation split: images and labels."""
+    datamodule, why = run_datamodule(run_config)
+    if datamodule is None:
+        raise SystemExit(f"int8.py: error: {why}")
+    datamodule.setup("validate")
+    images, labels = zip(*datamodule.val_dataloader())
+    return torch.cat(images).numpy(), torch.cat(labels)
+
+
+def timed(run: onnxruntime.InferenceSession, x: np.ndarray, calls: int) -> float:
+    """Seconds per call, over ``calls`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        run.run(None, {"images": x})
+    return (time.perf_counter() - start) / calls
+
+
+def latency(sessions: dict, images: np.ndarray, rounds: int, calls: int) -> dict:
+    """Median ms per call of each session at batch 1 and 32, and median int8/fp32 ratios."""
+    seen = {(name, b): [] for name in sessions for b in (1, 32)}
+    for _ in range(rounds):
+        order = list(seen)
+        random.shuffle(order)
+        for name, batch in order:
+            x = np.ascontiguousarray(images[:batch])
+            seen[name, batch].append(timed(sessions[name], x, calls))
+    result = {key: 1e3 * statistics.median(times) for key, times in seen.items()}
+    for batch in (1, 32):
+        ratios = [i / f for i, f in zip(seen["int8", batch], seen["fp32", batch])]
+        result["ratio", batch] = statistics.median(ratios)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=50, help="calls per model per round")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    random.seed(args.seed)
+    torch.set_num_threads(1)
+
+    checkpoint = load_checkpoint(args.ckpt)
+    architecture = checkpoint.hyper_parameters["architecture"]
+    deployed = reparameterize(load_model(architecture, checkpoint.state_dict))
+    _, run_config = find_run_config(args.ckpt, None)
+    train = training_images(run_config, args.calibration_images, args.seed)
+    batches = quantize.equal_batches(train.images, min(64, len(train.images)))
+    images, labels = validation_split(run_config)
+    fp32 = onnx_bytes(deployed, torch.as_tensor(images[:2]), True)
+    reference = logits(session(fp32), images)
+    print(f"{args.ckpt}: {len(labels)} validation images, {sum(map(len, batches))} calibration")
+    accuracy = quantize.compare(reference, reference, labels).float_accuracy
+    print(f"fp32 onnx: {len(fp32) / 1024:.1f} KiB, accuracy {accuracy:.2%}")
+    print("setting | drop (points) | agreement | logit err max / mean | size vs fp32")
+    models = {}
+    for name, (per_channel, method, float_head) in SETTINGS.items():
+        models[name] = quantize.quantize_onnx(fp32, batches, per_channel, method, float_head)
+        got = quantize.compare(reference, logits(session(models[name]), images), labels)
+        print(
+            f"{name} | {got.drop:.2f} | {got.argmax_agreement:.2%} | "
+            f"{got.max_logit_error:.3f} / {got.mean_logit_error:.3f} | "
+            f"{len(models[name]) / len(fp32):.3f}"
+        )
+    default = models[next(iter(SETTINGS))]
+    sessions = {"fp32": session(fp32), "int8": session(default)}
+    times = latency(sessions, images, args.rounds, args.calls)
+    for batch in (1, 32):
+        print(
+            f"batch {batch}: fp32 {times['fp32', batch]:.3f} ms, int8 {times['int8', batch]:.3f} "
+            f"ms, int8/fp32 {times['ratio', batch]:.2f} (median of {args.rounds} rounds)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Configs of the deploy and predict commands (no config groups: ``model=`` is a value)."""
