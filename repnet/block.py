@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from repnet.branches import (
+    BRANCHES,
+    NORMS,
     BranchSpec,
     ChannelScale,
+    NormKind,
     build_branches,
+    builds_cheaply,
     fuse_norm,
     make_geometry,
     resolve_branches,
+    scaled_kernel,
     summed_kernel,
 )
 from repnet.kernels import Conv, of_conv2d, regroup, to_conv2d
@@ -27,6 +32,9 @@ class RepBlock(nn.Module):
     ``online=True`` trains cheaply: branch BNs become per-channel scales ``γ_b``, and
     every forward builds ``W = Σ_b γ_b·W_b`` with the kernel algebra and runs
     ``act(BN(conv(x, W)))`` — one conv, one BN (online re-parameterization).
+    ``branch_norms`` sets the norm of the branches it names (``bn``, ``scale`` or ``none``)
+    and ``norm_after_sum`` adds a BN after the sum, ``act(BN(Σ_b norm_b(op_b(x))))``: the
+    QARepVGG block (``qarepvgg`` config) is BN on ``kxk`` only, then one after the sum.
     ``deploy=True`` builds the deployed form directly (to load fused weights).
     ``strict`` decides an identity that cannot exist here (see ``resolve_branches``).
     """
@@ -43,6 +51,8 @@ class RepBlock(nn.Module):
         branches: BranchSpec = "full",
         act: Callable[[], nn.Module] | None = nn.ReLU,
         online: bool = False,
+        branch_norms: Mapping[str, NormKind] | None = None,
+        norm_after_sum: bool = False,
         deploy: bool = False,
         strict: bool | None = None,
     ):
@@ -53,6 +63,7 @@ class RepBlock(nn.Module):
         self.geometry = geo
         self.branch_names = resolve_branches(branches, geo, strict)
         self.online = online
+        norms = norm_choice(branch_norms or {}, online)
         self.act = act() if act is not None else nn.Identity()
         if deploy:
             self.fused = nn.Conv2d(
@@ -69,8 +80,8 @@ class RepBlock(nn.Module):
         else:
             self.fused = None
             branch_norm = ChannelScale if online else nn.BatchNorm2d
-            self.branches = build_branches(geo, self.branch_names, branch_norm)
-            self.norm = nn.BatchNorm2d(out_channels) if online else None
+            self.branches = build_branches(geo, self.branch_names, branch_norm, norms)
+            self.norm = nn.BatchNorm2d(out_channels) if online or norm_after_sum else None
 
     @property
     def deployed(self) -> bool:
@@ -79,9 +90,20 @@ class RepBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused is not None:
             return self.act(self.fused(x))
-        if self.norm is not None:
-            return self.act(self.norm(self.branch_sum()(x)))
-        return self.act(sum(branch(x) for branch in self.branches.values()))
+        if self.online:
+            return self.act(self.norm(self.online_conv(x)))
+        total = sum_outputs(branch(x) for branch in self.branches.values())
+        return self.act(self.norm(total) if self.norm is not None else total)
+
+    def online_conv(self, x: Tensor) -> Tensor:
+        """``conv(x, W)``, ``W = Σ_b γ_b ⊙ W_b`` built for this call. Where ``W`` builds without a
+        matrix product, the conv does not keep it for backward: it is built again there, so
+        only the block in backward holds its kernel (memory of one kernel, not of all)."""
+        size = self.geometry.kernel_size
+        kernel = scaled_kernel(self.branches, size)
+        if not builds_cheaply(self.branches):
+            return kernel(x)
+        return conv_rebuilding_kernel(kernel, lambda: scaled_kernel(self.branches, size), x)
 
     def branch_kernels(self) -> dict[str, Conv]:
         """Each branch's equivalent conv (eval-mode statistics) in the block's groups."""
@@ -116,6 +138,50 @@ class RepBlock(nn.Module):
             f"groups={geo.groups}, branches={list(self.branch_names)}, online={self.online}, "
             f"deployed={self.deployed}"
         )
+
+
+def norm_choice(branch_norms: Mapping[str, NormKind], online: bool) -> dict[str, type]:
+    """The norm class of each branch ``branch_norms`` names; online blocks keep scales."""
+    unknown = [name for name in branch_norms if name not in BRANCHES]
+    kinds = [kind for kind in branch_norms.values() if kind not in NORMS]
+    if unknown or kinds:
+        raise ValueError(
+            f"branch_norms maps branch names ({', '.join(BRANCHES)}) to one of "
+            f"{', '.join(NORMS)}; got {dict(branch_norms)}"
+        )
+    if online and branch_norms:
+        raise ValueError("branch_norms is for offline blocks: online=true trains scales")
+    return {name: NORMS[kind] for name, kind in branch_norms.items()}
+
+
+def sum_outputs(outputs: Iterable[Tensor]) -> Tensor:
+    """``Σ_b y_b``: the first two added into a new tensor, the rest added to it in place
+    (no pass adding a start value of 0, no tensor per partial sum)."""
+    first, *rest = outputs
+    if not rest:
+        return first
+    total = first + rest[0]
+    for output in rest[1:]:
+        total += output
+    return total
+
+
+def conv_rebuilding_kernel(kernel: Conv, build: Callable[[], Conv], x: Tensor) -> Tensor:
+    """``kernel(x)``, with ``kernel.weight`` left out of what autograd saves: backward calls
+    ``build()`` (without grad) for an equal weight instead."""
+    storage = kernel.weight.untyped_storage().data_ptr()
+
+    def pack(tensor: Tensor) -> Tensor | None:
+        return None if tensor.untyped_storage().data_ptr() == storage else tensor
+
+    def unpack(packed: Tensor | None) -> Tensor:
+        if packed is not None:
+            return packed
+        with torch.no_grad():
+            return build().weight
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return kernel(x)
 
 
 @torch.no_grad()

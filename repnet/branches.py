@@ -9,9 +9,10 @@ equals in eval mode.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from repnet.kernels import (
     Conv,
     Pair,
+    Term,
     add,
     affine,
     apply_conv,
@@ -29,6 +31,7 @@ from repnet.kernels import (
     pad_to,
     pair,
     regroup,
+    scaled_sum,
 )
 
 
@@ -46,7 +49,16 @@ class ChannelScale(nn.Module):
         return affine(conv, self.weight, torch.zeros_like(self.weight))
 
 
-Norm = nn.BatchNorm2d | ChannelScale
+class NoNorm(nn.Identity):
+    """No norm after a stage (QARepVGG's 1x1 and identity branches): ``y = x``."""
+
+    def fuse(self, conv: Conv) -> Conv:
+        return conv
+
+
+Norm = nn.BatchNorm2d | ChannelScale | NoNorm
+NormKind = Literal["bn", "scale", "none"]
+NORMS: dict[str, type[Norm]] = {"bn": nn.BatchNorm2d, "scale": ChannelScale, "none": NoNorm}
 
 
 def fuse_norm(norm: nn.Module, conv: Conv) -> Conv:
@@ -263,9 +275,19 @@ def _after_1x1(
     return register_branch(name)(build)
 
 
+def mid_major(op: KernelOp) -> KernelOp:
+    """``op``'s weight ``[O, M/g, kh, kw]`` stored mid-channel-major (``[M/g, O, kh, kw]``
+    contiguous, seen transposed; same values, shape and state dict): the online 1x1→kxk
+    kernel product ``Aᵀ·W₂`` and its backward then read and write it without a copy."""
+    op.weight = nn.Parameter(op.weight.detach().transpose(0, 1).contiguous().transpose(0, 1))
+    return op
+
+
 def _kxk_after(geo: Geometry, mid: int) -> KernelOp:
-    return learnable_conv(
-        mid, geo.out_channels, geo.kernel_size, geo.stride, (0, 0), geo.dilation, geo.groups
+    return mid_major(
+        learnable_conv(
+            mid, geo.out_channels, geo.kernel_size, geo.stride, (0, 0), geo.dilation, geo.groups
+        )
     )
 
 
@@ -363,9 +385,16 @@ class BranchSet(nn.ModuleDict):
         self.geometry = geometry
 
 
-def build_branches(geo: Geometry, names: tuple[str, ...], norm: NormFactory) -> BranchSet:
-    """The named branches for ``geo``, each stage ending in ``norm``."""
-    return BranchSet(geo, {name: BRANCHES[name](geo, norm) for name in names})
+def build_branches(
+    geo: Geometry,
+    names: tuple[str, ...],
+    norm: NormFactory,
+    norms: Mapping[str, NormFactory] | None = None,
+) -> BranchSet:
+    """The named branches for ``geo``, each stage ending in ``norm`` (``norms[name]`` for
+    the branches it names)."""
+    norms = norms or {}
+    return BranchSet(geo, {name: BRANCHES[name](geo, norms.get(name, norm)) for name in names})
 
 
 def summed_kernel(branches: BranchSet, kernel_size: Pair) -> Conv:
@@ -373,3 +402,52 @@ def summed_kernel(branches: BranchSet, kernel_size: Pair) -> Conv:
     (a sum of depthwise kernels alone, an identity's, would have finer ones)."""
     total = add(*(branch.kernel() for branch in branches.values()))
     return regroup(pad_to(total, kernel_size), branches.geometry.groups)
+
+
+def _on_meta(conv: Conv) -> Conv:
+    """``conv``'s geometry and shapes, without its values (for the composition's geometry)."""
+    return replace(conv, weight=conv.weight.detach().to("meta"), bias=conv.bias.detach().to("meta"))
+
+
+def _composes_pointwise(first: Conv, second: Conv, groups: int) -> bool:
+    """Whether ``second ∘ first`` is a :class:`Term` composition: ``first`` a stride-1 1x1 in
+    ``groups`` groups, ``second`` dense in the same groups or depthwise of one output per
+    channel (then ``second``'s taps keep their spacing, so no ``dilate``)."""
+    if first.kernel_size != (1, 1) or first.stride != (1, 1) or first.groups != groups:
+        return False
+    depthwise = second.groups == second.out_channels == first.out_channels
+    return second.groups == groups or (second.weight.shape[1] == 1 and depthwise)
+
+
+def _term(branch: Branch, groups: int) -> Term:
+    """The online branch ``γ ⊙ (op_n ∘ … ∘ op_1)`` (its last norm a :class:`ChannelScale`
+    ``γ``; earlier stages folded into the pointwise ``A``) as a :class:`Term`."""
+    *head, last = branch
+    second, scale = last.op.kernel(), last.norm.weight
+    if not head:
+        return Term(second, scale, second.weight)
+    first = reduce(compose, (stage.kernel() for stage in head))
+    if _composes_pointwise(first, second, groups):
+        with torch.no_grad():
+            geometry = compose(_on_meta(first), _on_meta(second))
+        depthwise = second.groups != groups
+        return Term(geometry, scale, second.weight, first.weight.flatten(1), depthwise)
+    composed = compose(first, second)
+    return Term(composed, scale, composed.weight)
+
+
+def scaled_kernel(branches: BranchSet, kernel_size: Pair) -> Conv:
+    """Online mode's ``W = Σ_b γ_b ⊙ W_b`` (every branch ending in a :class:`ChannelScale`,
+    every op bias-free, so no bias): what :func:`summed_kernel` gives, built in one pass
+    by :func:`~repnet.kernels.scaled_sum`, which saves no full-size intermediate."""
+    groups = branches.geometry.groups
+    terms = [_term(branch, groups) for branch in branches.values()]
+    return scaled_sum(terms, kernel_size, groups)
+
+
+def builds_cheaply(branches: BranchSet) -> bool:
+    """Whether :func:`scaled_kernel` multiplies no matrices: every branch is one op, or ends
+    in a depthwise one (a composition with a pool is an outer product)."""
+    return all(
+        len(branch) == 1 or branch[-1].op.weight.shape[1] == 1 for branch in branches.values()
+    )

@@ -204,19 +204,37 @@ def _aligned(convs: tuple[Conv, ...]) -> tuple[list[Conv], Pair]:
     return convs, size  # type: ignore[return-value]
 
 
+def _diagonal_window(total: Tensor, groups: int, merged: int, kernel_size: Pair) -> Tensor:
+    """The view of ``total`` (``groups`` groups) that a centred ``kernel_size`` part of
+    ``r·groups`` groups lands on, ``[g, O/(rg), C/(rg), kh, kw, r]``: group ``j`` of the part
+    on the diagonal block ``total[o, (j mod r)·C/(rg) + c]``."""
+    out_channels, in_per_group, th, tw = total.shape
+    (kh, kw), (mh, mw) = kernel_size, _margin(kernel_size, (th, tw))
+    out_per_part = out_channels // (groups * merged)
+    blocks = total.view(groups, merged, out_per_part, merged, in_per_group // merged, th, tw)
+    return blocks.diagonal(dim1=1, dim2=3)[..., mh : mh + kh, mw : mw + kw, :]
+
+
+def _by_part(tensor: Tensor, groups: int, merged: int) -> Tensor:
+    """A part's weight ``[O, …]`` (or scale ``[O]``) in :func:`_diagonal_window`'s layout:
+    ``[g, O/(rg), …, r]``."""
+    out_per_part = tensor.shape[0] // (groups * merged)
+    return tensor.reshape(groups, merged, out_per_part, *tensor.shape[1:]).movedim(1, -1)
+
+
+def _from_part(tensor: Tensor) -> Tensor:
+    """Inverse of :func:`_by_part`: ``[g, O/(rg), …, r] -> [O, …]``."""
+    return tensor.movedim(-1, 1).flatten(0, 2)
+
+
 def _accumulate(total: Tensor, conv: Conv, groups: int) -> None:
     """``total += conv.weight`` in place, for ``total`` of ``groups`` groups dividing
     ``conv.groups = r·groups`` and a kernel at least as large: each of ``conv``'s groups
     lands on its diagonal block, ``total[o, (j mod r)·C/g + c] += W[o, c]`` (``j`` the
     group of ``o``), its taps centred. Nothing else of ``total`` is read or written."""
     merged = conv.groups // groups
-    out_per_group, in_per_group = conv.out_channels // conv.groups, conv.weight.shape[1]
-    (kh, kw), (th, tw) = conv.kernel_size, total.shape[-2:]
-    mh, mw = _margin((kh, kw), (th, tw))
-    blocks = total.view(groups, merged, out_per_group, merged, in_per_group, th, tw)
-    window = blocks.diagonal(dim1=1, dim2=3)[..., mh : mh + kh, mw : mw + kw, :]
-    parts = conv.weight.reshape(groups, merged, out_per_group, in_per_group, kh, kw)
-    window += parts.movedim(1, -1)
+    window = _diagonal_window(total, groups, merged, conv.kernel_size)
+    window += _by_part(conv.weight, groups, merged)
 
 
 def _merged(convs: list[Conv], kernel_size: Pair, groups: int) -> Tensor:
@@ -343,7 +361,7 @@ def _grouped_product(w1: Tensor, w2: Tensor, groups: int) -> Tensor:
     by_group2 = w2.reshape(g, out_channels // g, mid // g, *w2.shape[2:])
     by_group1 = w1.reshape(g, mid // g, in_per_group, *w1.shape[2:])
     if w1.shape[2:] == (1, 1):
-        weight = torch.einsum("gomhw,gmc->gochw", by_group2, by_group1.flatten(2))
+        weight = _composed_part(by_group2, by_group1.flatten(2))
     elif w2.shape[2:] == (1, 1):
         weight = torch.einsum("gom,gmchw->gochw", by_group2.flatten(2), by_group1)
     else:
@@ -420,6 +438,161 @@ def compose(first: Conv, second: Conv) -> Conv:
             first.padding[1] + first.stride[1] * second.padding[1],
         ),
         dilation=spacing,
+        groups=groups,
+    )
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part ``γ ⊙ P`` of a scaled sum ``W = Σ_b γ_b ⊙ P_b`` (``γ [O]`` per output channel).
+
+    ``P = weight``, or, with ``first`` (a pointwise ``A``, stride 1), the composition
+    ``P = weight ∘ A``, never stored: ``P[o, c] = Σ_m W₂[o, m]·A[m, c]`` in ``conv.groups``
+    groups (``A [M, C/g]``), or ``P[o, c] = W₂[o]·A[o, c]`` for a depthwise ``W₂ [O, 1, …]``
+    (``A [O, C/g]``, ``depthwise``). ``conv`` is the part's geometry (for a composition,
+    the composed one) with a weight of ``P``'s shape, which may live on the meta device.
+    """
+
+    conv: Conv
+    scale: Tensor
+    weight: Tensor
+    first: Tensor | None = None
+    depthwise: bool = False
+
+
+def _grouped(weight: Tensor, first: Tensor, groups: int, depthwise: bool) -> tuple[Tensor, Tensor]:
+    """``W₂`` and ``A`` of a composed term split into their groups: ``[g, O/g, M/g, kh, kw]``
+    and ``[g, M/g, C/g]``, or for a depthwise ``W₂``, ``[g, O/g, kh, kw]`` and ``[g, O/g, C/g]``."""
+    w2 = weight.reshape(groups, -1, *weight.shape[2 if depthwise else 1 :])
+    return w2, first.reshape(groups, -1, first.shape[1])
+
+
+def _mid_major(w2: Tensor) -> Tensor:
+    """``[g, O/g, M/g, kh, kw] -> [g, M/g, O/g·kh·kw]``: a view when ``W₂`` is stored
+    mid-channel-major (see ``branches.mid_major``), else a copy."""
+    return w2.transpose(1, 2).flatten(2)
+
+
+def _composed_part(w2: Tensor, a: Tensor) -> Tensor:
+    """``P = W₂ ∘ A`` per group, ``[g, O/g, C/g, kh, kw]``: one matrix product per group,
+    ``Aᵀ·W₂`` over the mid channels."""
+    groups, out_per_group, _, kh, kw = w2.shape
+    product = a.transpose(1, 2) @ _mid_major(w2)
+    return product.view(groups, -1, out_per_group, kh, kw).transpose(1, 2)
+
+
+class _ScaledSum(torch.autograd.Function):
+    """``W = Σ_b γ_b ⊙ P_b``, each part added into its (centred, diagonal) window of ``W`` in
+    place. Backward, with ``D_b`` the window of ``dW``: ``dP_b = γ_b ⊙ D_b``,
+    ``dγ_b[o] = Σ D_b[o]·P_b[o]``; for a composition ``P = W₂ ∘ A`` with
+    ``G = D ∘ Aᵀ``: ``dW₂ = γ ⊙ G``, ``dγ[o] = Σ G[o]·W₂[o]``, ``dA = W₂ᵀ ∘ (γ ⊙ D)``.
+    Only the inputs are saved (parameters, mostly): no full-size part, no padded copy."""
+
+    @staticmethod
+    def forward(ctx, shape, groups, parts, *tensors):  # type: ignore[override]
+        """``parts``: per term ``(r, kernel_size, depthwise)`` (``r·groups`` its groups;
+        ``depthwise`` for a composition with a depthwise ``W₂``); ``tensors``: per term
+        ``scale, weight, first`` (``first`` ``None`` but for a composition)."""
+        ctx.shape, ctx.groups, ctx.parts = shape, groups, parts
+        ctx.save_for_backward(*tensors)
+        total = tensors[1].new_zeros(shape)
+        for (merged, size, depthwise), (scale, weight, first) in zip(parts, _triples(tensors)):
+            window = _diagonal_window(total, groups, merged, size)
+            gamma = _by_part(scale, groups, merged)[:, :, None, None, None]
+            if first is None:
+                window.addcmul_(_by_part(weight, groups, merged), gamma)
+                continue
+            w2, a = _grouped(weight, first, groups, depthwise)
+            if depthwise:  # γ[o]·W₂[o]·A[o, c], broadcast: no full-size product
+                window.addcmul_(
+                    (w2 * gamma[..., 0, 0])[:, :, None, ..., None], a[..., None, None, None]
+                )
+            else:
+                window.addcmul_(_composed_part(w2, a).unsqueeze(-1), gamma)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        tensors, needs = ctx.saved_tensors, ctx.needs_input_grad[3:]
+        grads: list[Tensor | None] = []
+        for index, ((merged, size, depthwise), (scale, weight, first)) in enumerate(
+            zip(ctx.parts, _triples(tensors))
+        ):
+            window = _diagonal_window(grad, ctx.groups, merged, size)
+            gamma = _by_part(scale, ctx.groups, merged)[:, :, None, None, None]
+            need = needs[3 * index : 3 * index + 3]
+            if first is None:
+                grads += _plain_grads(window, gamma, _by_part(weight, ctx.groups, merged), need)
+                continue
+            w2, a = _grouped(weight, first, ctx.groups, depthwise)
+            grad_of = _depthwise_grads if depthwise else _dense_grads
+            d_scale, d_w2, d_a = grad_of(window[..., 0], gamma[..., 0], w2, a, need)
+            grads += [
+                None if d_scale is None else d_scale.reshape(-1),
+                None if d_w2 is None else d_w2.reshape(weight.shape),
+                None if d_a is None else d_a.reshape(first.shape),
+            ]
+        return (None, None, None, *grads)
+
+
+def _triples(tensors: tuple) -> list[tuple]:
+    return [tensors[i : i + 3] for i in range(0, len(tensors), 3)]
+
+
+def _plain_grads(window: Tensor, gamma: Tensor, part: Tensor, need: tuple) -> list:
+    """``dγ[o] = Σ D[o]·P[o]``, ``dP = γ ⊙ D`` (in :func:`_by_part`'s layout)."""
+    d_scale = _from_part((window * part).sum((2, 3, 4))) if need[0] else None
+    d_weight = _from_part(window * gamma) if need[1] else None
+    return [d_scale, d_weight, None]
+
+
+def _dense_grads(d: Tensor, gamma: Tensor, w2: Tensor, a: Tensor, need: tuple) -> tuple:
+    """Per group, with ``D [O/g, C/g, kh, kw]``: ``G = Σ_c D[o, c]·A[m, c]`` (one matrix
+    product), ``dγ[o] = Σ G[o]·W₂[o]``, ``dW₂ = γ ⊙ G``, ``dA = Σ_o W₂[o]ᵀ·γ[o]·D[o]``."""
+    groups, out_per_group, in_per_group, kh, kw = d.shape
+    by_in = d.transpose(1, 2).reshape(groups, in_per_group, -1)  # [g, C/g, O/g·kh·kw]
+    d_scale = d_w2 = d_a = None
+    if need[0] or need[1]:
+        g = (a @ by_in).view(groups, -1, out_per_group, kh, kw).transpose(1, 2)
+        d_scale = (g * w2).sum((2, 3, 4)) if need[0] else None
+        d_w2 = g.mul_(gamma) if need[1] else None
+    if need[2]:
+        scaled = by_in.view(groups, in_per_group, out_per_group, -1) * gamma.view(
+            groups, 1, out_per_group, 1
+        )
+        d_a = _mid_major(w2) @ scaled.flatten(2).transpose(1, 2)
+    return d_scale, d_w2, d_a
+
+
+def _depthwise_grads(d: Tensor, gamma: Tensor, w2: Tensor, a: Tensor, need: tuple) -> tuple:
+    """``P[o, c] = W₂[o]·A[o, c]``: ``G[o] = Σ_c D[o, c]·A[o, c]``, ``dγ[o] = Σ G[o]·W₂[o]``,
+    ``dW₂ = γ ⊙ G``, ``dA[o, c] = γ[o]·Σ D[o, c]·W₂[o]`` (sums over the taps)."""
+    d_scale = d_w2 = d_a = None
+    if need[0] or need[1]:
+        g = torch.einsum("gochw,goc->gohw", d, a)
+        d_scale = torch.einsum("gohw,gohw->go", g, w2) if need[0] else None
+        d_w2 = g.mul_(gamma[..., 0]) if need[1] else None
+    if need[2]:
+        d_a = torch.einsum("gochw,gohw->goc", d, w2) * gamma[..., 0, 0]
+    return d_scale, d_w2, d_a
+
+
+def scaled_sum(terms: list[Term], kernel_size: Pair, groups: int) -> Conv:
+    """``Σ_b γ_b ⊙ P_b`` as one bias-free conv of ``kernel_size`` in ``groups`` groups (each
+    term's groups a multiple of ``groups``), built in one pass by a custom autograd function
+    that saves only its inputs. Equal to ``add`` of the scaled parts, padded to
+    ``kernel_size`` and regrouped; ``dilate``-free terms only (taps already spaced alike)."""
+    aligned, _ = _aligned(tuple(t.conv for t in terms))
+    first = aligned[0]
+    shape = (first.out_channels, first.in_channels // groups, *kernel_size)
+    parts = tuple((c.groups // groups, c.kernel_size, t.depthwise) for c, t in zip(aligned, terms))
+    tensors = [x for t in terms for x in (t.scale, t.weight, t.first)]
+    weight = _ScaledSum.apply(shape, groups, parts, *tensors)
+    return replace(
+        first,
+        weight=weight,
+        bias=weight.new_zeros(shape[0]),
+        padding=_centred(first, kernel_size),
         groups=groups,
     )
 

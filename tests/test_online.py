@@ -16,12 +16,13 @@ from helpers import (
     randomize_norms,
     relative_error,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from repnet import PRESETS, RepBlock
-from repnet.branches import BRANCHES, ChannelScale
+from repnet.branches import BRANCHES, ChannelScale, scaled_kernel, summed_kernel
+from repnet.kernels import Conv
 from repnet.training import train
 
 
@@ -145,3 +146,127 @@ def test_online_kernels_need_a_matrix_product_only_for_the_1x1_kxk_branch():
     assert kernel_flops(cheap) == 0
     grouped = RepBlock(12, 12, (3, 5), groups=3, branches=["1x1_kxk"], online=True)
     assert kernel_flops(grouped) == 2 * 12 * 4 * (3 * 5 * 4 + 1)
+
+
+def branch_lists():
+    return st.lists(st.sampled_from(sorted(BRANCHES)), min_size=1, max_size=4, unique=True)
+
+
+def online_block_or_none(geometry: dict, names: list[str]) -> RepBlock | None:
+    """A random online block (``online_block``), or ``None`` where an identity cannot exist."""
+    try:
+        return online_block(geometry, names)
+    except ValueError:
+        assert "identity" in names
+        return None
+
+
+def parameter_grads(
+    block: RepBlock, output: torch.Tensor, cotangent: torch.Tensor, *inputs: torch.Tensor
+) -> list:
+    """Gradients of ``<output, cotangent>`` for every parameter of ``block``, then ``inputs``."""
+    wrt = [*block.parameters(), *inputs]
+    grads = torch.autograd.grad(output, wrt, cotangent, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(wrt, grads)]
+
+
+@given(geometry=block_geometry(), names=branch_lists())
+def test_scaled_kernel_is_the_algebras_sum_with_the_same_gradients(geometry, names):
+    """The one-pass custom autograd function gives the kernel algebra's ``Σ_b γ_b·W_b``, its
+    geometry, and the gradients autograd gives through the algebra (float64)."""
+    block = online_block_or_none(geometry, names)
+    if block is None:
+        return
+    size = block.geometry.kernel_size
+    expected, built = summed_kernel(block.branches, size), scaled_kernel(block.branches, size)
+    for field in ("stride", "padding", "dilation", "groups"):
+        assert getattr(built, field) == getattr(expected, field), field
+    assert relative_error(expected.weight, built.weight) <= 1e-12
+    assert not built.bias.any() and not expected.bias.any()
+    cotangent = torch.randn_like(expected.weight)
+    for mine, theirs in zip(
+        parameter_grads(block, built.weight, cotangent),
+        parameter_grads(block, expected.weight, cotangent),
+    ):
+        assert relative_error(theirs, mine) <= 1e-10
+
+
+class KernelOf(torch.nn.Module):
+    """``forward()`` = the online kernel of ``block`` (for ``functional_call``)."""
+
+    def __init__(self, block: RepBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self) -> torch.Tensor:
+        return scaled_kernel(self.block.branches, self.block.geometry.kernel_size).weight
+
+
+@settings(max_examples=15)
+@given(geometry=block_geometry(), names=branch_lists())
+def test_scaled_kernel_passes_gradcheck(geometry, names):
+    """Finite differences agree with the custom backward, for every input (weights, scales)."""
+    block = online_block_or_none(geometry, names)
+    if block is None:
+        return
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    keys = [f"block.{name}" for name, _ in block.named_parameters()]
+    kernel = KernelOf(block)
+
+    def built(*values):
+        return torch.func.functional_call(kernel, dict(zip(keys, values)), ())
+
+    assert torch.autograd.gradcheck(built, params, eps=1e-6, atol=1e-8)
+
+
+@given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
+def test_online_training_forward_and_backward_equal_the_algebras(geometry, preset):
+    """A training-mode online block (kernel rebuilt in backward where that is cheap) gives the
+    output and every parameter gradient of ``BN(conv(x, summed_kernel))`` by plain autograd."""
+    block = online_block(geometry, preset).train()
+    x = sample(geometry).requires_grad_()
+    output = block(x)
+    expected = block.norm(summed_kernel(block.branches, block.geometry.kernel_size)(x))
+    assert relative_error(expected, output) <= 1e-10
+    cotangent = torch.randn_like(output)
+    mine = parameter_grads(block, output, cotangent, x)
+    theirs = parameter_grads(block, expected, cotangent, x)
+    for a, b in zip(theirs, mine):
+        assert relative_error(a, b) <= 1e-10
+
+
+def saved_storages(block: RepBlock, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor autograd saves for backward during ``block(x)``."""
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(x)
+    return saved
+
+
+def test_online_blocks_save_no_built_kernel_for_backward():
+    """Only parameters and activations are saved: no full-size kernel (summed, scaled or
+    padded). A ``dbb`` block, whose kernel needs a matrix product, keeps its summed kernel
+    (building it again would cost the product once more), and nothing else kernel-sized."""
+    x = torch.randn(2, 6, 7, 7)
+    for preset, kept in (("repvgg", 0), ("acb", 0), ("full", 0), ("dbb", 1)):
+        block = RepBlock(6, 6, branches=preset, online=True).train()
+        params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        built = [
+            t
+            for t in saved_storages(block, x)
+            if t.shape == (6, 6, 3, 3) and t.untyped_storage().data_ptr() not in params
+        ]
+        assert len(built) == kept, preset
+
+
+def test_a_1x1_kxk_second_weight_is_stored_mid_channel_major_with_its_usual_shape():
+    block = RepBlock(4, 6, branches=["1x1_kxk"], groups=2)
+    weight = block.branches["1x1_kxk"][1].op.weight
+    assert weight.shape == (6, 2, 3, 3) and weight.transpose(0, 1).is_contiguous()
+    assert block.state_dict()["branches.1x1_kxk.1.op.weight"].shape == (6, 2, 3, 3)
+    assert isinstance(block.branch_kernels()["1x1_kxk"], Conv)
