@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repnet import PRESETS, RepBlock
 from repnet.block import branch_shares
-from repnet.branches import BRANCHES
+from repnet.branches import BRANCHES, NORMS
 
 
 def build(geometry: dict, branches, dtype=torch.float64, seed: int = 0) -> RepBlock:
@@ -56,6 +56,40 @@ def test_every_branch_alone_deploys_exactly(geometry, name):
 def test_every_preset_deploys_exactly_in_float64(geometry, preset):
     block = build(geometry, preset)
     assert deploy_error(block, sample(geometry)) <= 1e-10
+
+
+@given(
+    geometry=block_geometry(),
+    preset=st.sampled_from(sorted(PRESETS)),
+    kinds=st.dictionaries(st.sampled_from(sorted(BRANCHES)), st.sampled_from(["bn", "none"])),
+    norm_after_sum=st.booleans(),
+)
+def test_any_branch_norms_and_a_norm_after_the_sum_deploy_exactly(
+    geometry, preset, kinds, norm_after_sum
+):
+    """QARepVGG-style blocks (some branches without BN, one BN after the sum), trained a
+    step so the running statistics are not the initial ones, then converted in float64."""
+    args = {k: v for k, v in geometry.items() if k != "image"}
+    torch.manual_seed(0)
+    block = RepBlock(
+        **args, branches=preset, branch_norms=kinds, norm_after_sum=norm_after_sum, act=None
+    ).double()
+    block(sample(geometry, seed=2))  # training mode: the BNs learn statistics
+    randomize_norms(block)
+    assert (block.norm is not None) == norm_after_sum
+    for name, kind in kinds.items():
+        if name in block.branches:
+            assert isinstance(block.branches[name][0].norm, NORMS[kind])
+    assert deploy_error(block.eval(), sample(geometry)) <= 1e-10
+
+
+def test_branch_norms_name_known_branches_and_kinds_and_only_offline():
+    with pytest.raises(ValueError, match="branch_norms maps branch names"):
+        RepBlock(4, 4, branch_norms={"3x3": "none"})
+    with pytest.raises(ValueError, match="one of bn, scale, none"):
+        RepBlock(4, 4, branch_norms={"1x1": "group"})
+    with pytest.raises(ValueError, match="branch_norms is for offline blocks"):
+        RepBlock(4, 4, branch_norms={"1x1": "none"}, online=True)
 
 
 @given(geometry=block_geometry(), preset=st.sampled_from(sorted(PRESETS)))
