@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from repnet import quantize
+from repnet import RepBlock, quantize
 from repnet.checkpoints import load_checkpoint
 from repnet.deployment import find_run_config, load_model, run_datamodule, training_images
 from repnet.export import onnx_bytes
@@ -55,6 +55,21 @@ def validation_split(run_config: dict) -> tuple[np.ndarray, torch.Tensor]:
     datamodule.setup("validate")
     images, labels = zip(*datamodule.val_dataloader())
     return torch.cat(images).numpy(), torch.cat(labels)
+
+
+def identity_block_sqnr(model: torch.nn.Module, deployed: torch.nn.Module) -> dict[str, float]:
+    """Median int8 weight SQNR (dB, per tensor and per channel) of the fused kernels of the
+    blocks that had an identity branch: where a BN per branch spreads the ranges most."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, RepBlock) and "identity" in module.branch_names
+    ]
+    weights = [deployed.get_submodule(f"{name}.fused").weight.detach() for name in names]
+    return {
+        mode: statistics.median(quantize.sqnr_db(w, per_channel) for w in weights)
+        for mode, per_channel in (("per tensor", False), ("per channel", True))
+    }
 
 
 def timed(run: onnxruntime.InferenceSession, x: np.ndarray, calls: int) -> float:
@@ -94,7 +109,8 @@ def main() -> None:
 
     checkpoint = load_checkpoint(args.ckpt)
     architecture = checkpoint.hyper_parameters["architecture"]
-    deployed = reparameterize(load_model(architecture, checkpoint.state_dict))
+    model = load_model(architecture, checkpoint.state_dict)
+    deployed = reparameterize(model)
     _, run_config = find_run_config(args.ckpt, None)
     train = training_images(run_config, args.calibration_images, args.seed)
     batches = quantize.equal_batches(train.images, min(64, len(train.images)))
@@ -104,6 +120,12 @@ def main() -> None:
     print(f"{args.ckpt}: {len(labels)} validation images, {sum(map(len, batches))} calibration")
     accuracy = quantize.compare(reference, reference, labels).float_accuracy
     print(f"fp32 onnx: {len(fp32) / 1024:.1f} KiB, accuracy {accuracy:.2%}")
+    if any(isinstance(m, RepBlock) and "identity" in m.branch_names for m in model.modules()):
+        sqnr = identity_block_sqnr(model, deployed)
+        print(
+            "identity blocks, median weight SQNR: "
+            + ", ".join(f"{v:.1f} dB {k}" for k, v in sqnr.items())
+        )
     print("setting | drop (points) | agreement | logit err max / mean | size vs fp32")
     models = {}
     for name, (per_channel, method, float_head) in SETTINGS.items():
