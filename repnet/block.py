@@ -10,8 +10,10 @@ from torch import Tensor, nn
 from repnet.branches import (
     BRANCHES,
     NORMS,
+    BranchSet,
     BranchSpec,
     ChannelScale,
+    NoNorm,
     NormKind,
     build_branches,
     builds_cheaply,
@@ -34,7 +36,8 @@ class RepBlock(nn.Module):
     ``act(BN(conv(x, W)))`` — one conv, one BN (online re-parameterization).
     ``branch_norms`` sets the norm of the branches it names (``bn``, ``scale`` or ``none``)
     and ``norm_after_sum`` adds a BN after the sum, ``act(BN(Σ_b norm_b(op_b(x))))``: the
-    QARepVGG block (``qarepvgg`` config) is BN on ``kxk`` only, then one after the sum.
+    QARepVGG block (``qarepvgg`` config) is BN on ``kxk`` only, then one after the sum;
+    such a block with an identity starts as ``BN(x + ...)`` (see ``start_as_identity``).
     ``deploy=True`` builds the deployed form directly (to load fused weights).
     ``strict`` decides an identity that cannot exist here (see ``resolve_branches``).
     """
@@ -82,6 +85,8 @@ class RepBlock(nn.Module):
             branch_norm = ChannelScale if online else nn.BatchNorm2d
             self.branches = build_branches(geo, self.branch_names, branch_norm, norms)
             self.norm = nn.BatchNorm2d(out_channels) if online or norm_after_sum else None
+            if norm_after_sum and not online:
+                start_as_identity(self.branches)
 
     @property
     def deployed(self) -> bool:
@@ -152,6 +157,19 @@ def norm_choice(branch_norms: Mapping[str, NormKind], online: bool) -> dict[str,
     if online and branch_norms:
         raise ValueError("branch_norms is for offline blocks: online=true trains scales")
     return {name: NORMS[kind] for name, kind in branch_norms.items()}
+
+
+def start_as_identity(branches: BranchSet) -> None:
+    """In a block whose identity has no norm and whose sum has one (QARepVGG), zero the scale
+    ``γ`` of every branch ending in a BN: the block starts as ``BN(x + Σ unnormalised
+    branches)``, a residual block with its residual BN zero-initialised. With ``γ = 1`` the
+    normalised branches outweigh the identity and a deep stack trains like a plain VGG
+    (benchmarks/README.md, QARepVGG: 24% vs 70% after 8 epochs of RepVGG-A0)."""
+    if "identity" not in branches or not isinstance(branches["identity"][0].norm, NoNorm):
+        return
+    for branch in branches.values():
+        if isinstance(branch[-1].norm, nn.BatchNorm2d):
+            nn.init.zeros_(branch[-1].norm.weight)
 
 
 def sum_outputs(outputs: Iterable[Tensor]) -> Tensor:

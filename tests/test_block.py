@@ -83,6 +83,21 @@ def test_any_branch_norms_and_a_norm_after_the_sum_deploy_exactly(
     assert deploy_error(block.eval(), sample(geometry)) <= 1e-10
 
 
+def test_a_qarepvgg_block_with_an_identity_starts_as_its_identity_branches():
+    """Zero BN scales on the normalised branches: ``BN(x + W₁x)`` at the start; a block
+    without an unnormalised identity (stride 2, or the identity keeps its BN) is as built."""
+    qa = {"branch_norms": {"1x1": "none", "identity": "none"}, "norm_after_sum": True}
+    block = RepBlock(4, 4, branches="repvgg", act=None, **qa).double()
+    assert torch.equal(block.branches["kxk"][0].norm.weight, torch.zeros(4))
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    without_kxk = block.branches["identity"](x) + block.branches["1x1"](x)
+    assert torch.allclose(block(x), block.norm(without_kxk))
+    strided = RepBlock(4, 4, stride=2, branches="repvgg", **qa)
+    assert torch.equal(strided.branches["kxk"][0].norm.weight, torch.ones(4))
+    normed = RepBlock(4, 4, branches="repvgg", branch_norms={"1x1": "none"}, norm_after_sum=True)
+    assert torch.equal(normed.branches["kxk"][0].norm.weight, torch.ones(4))
+
+
 def test_branch_norms_name_known_branches_and_kinds_and_only_offline():
     with pytest.raises(ValueError, match="branch_norms maps branch names"):
         RepBlock(4, 4, branch_norms={"3x3": "none"})
