@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from bench import interleaved  # the sibling script's timing rounds
 from timm.utils.model import reparameterize_model
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -84,19 +83,9 @@ def quietly(convert: Callable[[nn.Module], nn.Module], model: nn.Module) -> tupl
     return result, [str(w.message) for w in caught]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Per-round seconds of each function; each round runs all once in a new random order."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order, shuffle = list(fns), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+def per_round(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Per-round seconds of each function (``bench.interleaved``: a new order each round)."""
+    return {name: times for name, (_, times) in interleaved(fns, rounds, warmup=1).items()}
 
 
 def per_round_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
@@ -137,7 +126,7 @@ def _time_float32(model: nn.Module, size: tuple[int, ...], rounds: int, row: dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: a second, contended thread only adds waiting
     try:
-        spent = interleaved(convert, max(3, rounds // 3))
+        spent = per_round(convert, max(3, rounds // 3))
     finally:
         torch.set_num_threads(threads)
     row["convert repnet ms"] = 1e3 * statistics.median(spent["repnet"])
@@ -146,7 +135,7 @@ def _time_float32(model: nn.Module, size: tuple[int, ...], rounds: int, row: dic
     one = torch.randn(1, *size)
     variants = {"built": model, "repnet": convert["repnet"](), "timm": convert["timm"]()}
     with torch.no_grad():
-        times = interleaved({k: (lambda m=m: m(one)) for k, m in variants.items()}, rounds)
+        times = per_round({k: (lambda m=m: m(one)) for k, m in variants.items()}, rounds)
     for key in variants:
         row[f"{key} ms"] = 1e3 * statistics.median(times[key])
     row["repnet/timm"] = per_round_ratio(times, "repnet", "timm")

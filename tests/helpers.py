@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -84,6 +86,13 @@ def block_geometry(draw, odd_kernels: bool = True):
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "repnet" / "configs"
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python <checkout>/<script> args...`` from the checkout, its output captured."""
+    command = [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
 
 # A short real run: two epochs of a few batches, no progress bar.
 QUICK = [

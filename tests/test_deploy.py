@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, ROOT, compose
+from helpers import QUICK, compose, run_script
 from safetensors.torch import save_file
 
 import repnet
@@ -152,16 +151,6 @@ def test_a_format_named_twice_is_exported_once(run_dir, tmp_path):
     assert [row["form"] for row in report.rows].count("pt2") == 1
 
 
-def run_deploy(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "deploy.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-
-
 def assert_one_clear_error(result: subprocess.CompletedProcess, message: str, out: Path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -173,7 +162,9 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, message: str, ou
 
 def test_cli_deploys_a_training_checkpoint(run_dir, tmp_path):
     out = tmp_path / "deploy"
-    result = run_deploy(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}")
+    result = run_script(
+        "deploy.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}"
+    )
     assert result.returncode == 0, result.stderr
     assert "verified on real validation data: max abs diff" in result.stdout
     assert "deploy form" in result.stdout and "MFLOPs/image" in result.stdout
@@ -206,7 +197,9 @@ def bad_file(kind: str, run_dir: Path, tmp_path: Path) -> tuple[Path, str]:
 def test_cli_bad_checkpoints_get_one_clear_error(kind, run_dir, tmp_path):
     path, message = bad_file(kind, run_dir, tmp_path)
     out = tmp_path / "out"
-    result = run_deploy(f"ckpt_path={path}", f"config={run_dir / 'config.yaml'}", f"out_dir={out}")
+    result = run_script(
+        "deploy.py", f"ckpt_path={path}", f"config={run_dir / 'config.yaml'}", f"out_dir={out}"
+    )
     assert_one_clear_error(result, message, out)
 
 
@@ -225,7 +218,7 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1)}, "payload": RunsCode(marker)}, path)
     out = tmp_path / "out"
-    result = run_deploy(f"ckpt_path={path}", f"out_dir={out}")
+    result = run_script("deploy.py", f"ckpt_path={path}", f"out_dir={out}")
     assert_one_clear_error(result, "would run code when unpickled", out)
     assert "mkdir" in result.stderr
     assert not marker.exists()
@@ -249,8 +242,11 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
 )
 def test_cli_a_bad_option_is_refused_before_any_work(run_dir, tmp_path, override, message):
     out = tmp_path / "out"
-    result = run_deploy(
-        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", override, f"out_dir={out}"
+    result = run_script(
+        "deploy.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        override,
+        f"out_dir={out}",
     )
     assert_one_clear_error(result, message, out)
 

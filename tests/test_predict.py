@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, compose
+from helpers import ROOT, compose, run_script
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -48,15 +46,6 @@ def images(tmp_path_factory) -> tuple[Path, list[int]]:
         labels.append(int(digits.target[i]))
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     return folder, labels
-
-
-def run_predict(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), *options],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_deploy_folder_onnx_file_and_checkpoint_predict_alike(deployed, images):
@@ -99,7 +88,9 @@ def test_the_command_writes_csv_and_json_lines_and_names_each_unreadable_image(
 ):
     folder, _ = images
     model = f"model={deployed / 'deploy'}"
-    result = run_predict(model, f"inputs={folder}", "top_k=2", f"output={tmp_path / 'p.csv'}")
+    result = run_script(
+        "predict.py", model, f"inputs={folder}", "top_k=2", f"output={tmp_path / 'p.csv'}"
+    )
     assert result.returncode == 0, result.stderr
     assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["predict"]
     assert "skipped" in result.stderr and "broken.png" in result.stderr
@@ -107,11 +98,13 @@ def test_the_command_writes_csv_and_json_lines_and_names_each_unreadable_image(
         rows = list(csv.reader(file))
     assert rows[0] == ["image", "label_1", "probability_1", "label_2", "probability_2"]
     assert len(rows) == 61
-    result = run_predict(model, f"inputs={folder}/3/*.png", f"output={tmp_path / 'p.jsonl'}")
+    result = run_script(
+        "predict.py", model, f"inputs={folder}/3/*.png", f"output={tmp_path / 'p.jsonl'}"
+    )
     lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert lines and all(Path(line["image"]).parent.name == "3" for line in lines)
     assert all(len(line["top"]) == 5 for line in lines)
-    printed = run_predict(model, f"inputs={folder}/0/00.png", "top_k=1")
+    printed = run_script("predict.py", model, f"inputs={folder}/0/00.png", "top_k=1")
     top = predict(deployed / "deploy", str(folder / "0" / "00.png"), top_k=1)[0]["top"][0]
     expected = f"{folder / '0' / '00.png'}  {top['label']} {top['probability']:.3f}"
     assert printed.returncode == 0 and printed.stdout.splitlines() == [expected]
@@ -134,7 +127,9 @@ def test_bad_options_are_one_clear_error(deployed, images, options, message):
 
 def test_the_command_refuses_a_bad_option_in_one_line_and_writes_nothing(deployed, tmp_path):
     out = tmp_path / "p.csv"
-    result = run_predict(f"model={deployed / 'deploy'}", "inputs=nowhere/*.png", f"output={out}")
+    result = run_script(
+        "predict.py", f"model={deployed / 'deploy'}", "inputs=nowhere/*.png", f"output={out}"
+    )
     assert result.returncode == 1 and not out.exists()
     message = "predict.py: error: inputs: no image files at nowhere/*.png"
     assert result.stderr.strip().splitlines() == [message]

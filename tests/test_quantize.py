@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 import yaml
-from helpers import QUICK, ROOT, compose
+from helpers import QUICK, compose, run_script
 from hypothesis import given
 from hypothesis import strategies as st
 from onnxruntime.quantization import CalibrationDataReader
@@ -113,19 +111,10 @@ def test_int8_options_reach_onnx_runtime_with_a_fixed_batch(run_dir, tmp_path):
     assert scales and all(math.prod(scale.dims) == 1 for scale in scales)  # per tensor
 
 
-def run_deploy(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "deploy.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-
-
 def test_a_drop_over_max_int8_drop_fails_the_command_and_writes_nothing(run_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_deploy(
+    result = run_script(
+        "deploy.py",
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"out_dir={out}",
         "export=[onnx_int8]",
