@@ -2,6 +2,12 @@
 
 ``import repnet`` loads the model layer only (torch): blocks, algebra, models and
 conversion. Training and deployment (Lightning, Hydra, data) load when first used.
+
+The shell beside them: ``training``/``module``/``callbacks`` (fit), ``deployment``/``export``/
+``quantize`` (convert, verify, write, int8) and ``predict`` (top-k labels of image files);
+``cli`` holds the four commands, their configs ship in the package (``configs/`` for
+training and its groups, ``command_configs/`` for deploy and predict) so an installed wheel
+runs them from any folder.
 """
 
 from typing import Any

@@ -164,7 +164,7 @@ def start_as_identity(branches: BranchSet) -> None:
     ``γ`` of every branch ending in a BN: the block starts as ``BN(x + Σ unnormalised
     branches)``, a residual block with its residual BN zero-initialised. With ``γ = 1`` the
     normalised branches outweigh the identity and a deep stack trains like a plain VGG
-    (benchmarks/README.md, QARepVGG: 24% vs 70% after 8 epochs of RepVGG-A0)."""
+    (figures in benchmarks/README.md, int8 section)."""
     if "identity" not in branches or not isinstance(branches["identity"][0].norm, NoNorm):
         return
     for branch in branches.values():

@@ -22,13 +22,12 @@ from torchvision.transforms import v2
 
 from repnet.config import Seed
 from repnet.errors import DatasetUnavailableError
+from repnet.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 CIFAR_STATS = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Ranges of the options users set; the config check reads them from these signatures.
 BatchSize = Annotated[int, Field(ge=1, le=65536)]

@@ -30,6 +30,7 @@ from repnet.config import Open, Seed, Strict, validate
 from repnet.errors import DeployError, UsageError
 from repnet.export import EXPORTERS, Runner, onnx_with_metadata
 from repnet.models import build_model, build_pretrained
+from repnet.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from repnet.quantize import Calibration
 from repnet.reparam import Verification, reparameterize, verify
 
@@ -81,7 +82,7 @@ class Preprocessing(Strict):
     label_names: list[str] | None = None
 
 
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875}
+IMAGENET = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": 224 / 256}
 
 
 class Architecture(Open):

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 
 from repnet.errors import CheckpointError
 
+# How published ImageNet weights expect their inputs: pixels in [0, 1], then (x - mean) / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 TENSOR = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
 FIELDS = {"s": r"\d+", "b": r"\d+", "p": TENSOR, "path": r"(?:[\w]+\.)*"}
 
