@@ -3,6 +3,7 @@ loaded back from its file, so what is checked and timed is what was written."""
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repnet.errors import DeployError
+from repnet.kernels import Conv, of_conv2d, one_pixel
 from repnet.quantize import Calibration, quantize_onnx
 
 Runner = Callable[[Tensor], Tensor]
@@ -36,8 +39,56 @@ def _shapes(dynamic_batch: bool) -> tuple[dict[int, torch.export.Dim]] | None:
     return ({0: torch.export.Dim("batch")},) if dynamic_batch else None
 
 
+class PixelProduct(nn.Module):
+    """A conv that gives a single pixel, as one matrix product over the batch:
+    ``y = K·vec(x) + b`` as ``[N, O, 1, 1]``, ``K`` from :func:`repnet.kernels.one_pixel`."""
+
+    def __init__(self, pixel: Conv):
+        super().__init__()
+        self.weight = nn.Parameter(pixel.weight.detach().flatten(1))
+        self.bias = nn.Parameter(pixel.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.flatten(1), self.weight, self.bias)[..., None, None]
+
+
+def one_pixel_convs_as_products(model: nn.Module, example: Tensor) -> nn.Module:
+    """``model``, or a copy where every dense ``nn.Conv2d`` that gives a single pixel on
+    ``example`` is a :class:`PixelProduct`: ONNX Runtime runs such a conv image by image,
+    as matrix-vector products (the last stage of a small-input model, e.g. RepVGG's 1280
+    channels on a 2x2 map), and a Gemm takes the whole batch at once."""
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if output.shape[-2:] == (1, 1):
+                sizes[name] = tuple(inputs[0].shape[-2:])
+
+        return hook
+
+    convs = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d) and module.groups == 1
+    }
+    handles = [module.register_forward_hook(record(name)) for name, module in convs.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not sizes:
+        return model
+    products = copy.deepcopy(model)
+    for name, size in sizes.items():
+        products.set_submodule(name, PixelProduct(one_pixel(of_conv2d(convs[name]), size)))
+    return products
+
+
 def onnx_bytes(model: nn.Module, example: Tensor, dynamic_batch: bool) -> bytes:
-    """ONNX through ``torch.onnx`` (the ``torch.export`` exporter)."""
+    """ONNX through ``torch.onnx`` (the ``torch.export`` exporter), convs that give a
+    single pixel at the example's size as matrix products (:func:`one_pixel_convs_as_products`)."""
     try:
         import onnxruntime  # noqa: F401  (the runner needs it: refuse before exporting)
     except ImportError:
@@ -45,7 +96,7 @@ def onnx_bytes(model: nn.Module, example: Tensor, dynamic_batch: bool) -> bytes:
             "export 'onnx' needs the export extra: pip install -e '.[export]'"
         ) from None
     program = torch.onnx.export(
-        model,
+        one_pixel_convs_as_products(model, example),
         (example,),
         input_names=["images"],
         output_names=["logits"],

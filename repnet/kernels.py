@@ -174,6 +174,39 @@ def pad_to(conv: Conv, kernel_size: Pair) -> Conv:
     return replace(conv, weight=weight, padding=_centred(conv, kernel_size))
 
 
+def _taps_inside(size: int, padding: int, dilation: int, taps: int) -> tuple[slice, slice]:
+    """The taps ``u`` of one axis that read inside an input of ``size`` at output 0
+    (``0 ≤ u·d − p < size``), and the input positions they read."""
+    first, last = max(0, -(-padding // dilation)), min(taps - 1, (size - 1 + padding) // dilation)
+    if first > last:
+        return slice(0, 0), slice(0, 0)
+    start = first * dilation - padding
+    return slice(first, last + 1), slice(start, last * dilation - padding + 1, dilation)
+
+
+def one_pixel(conv: Conv, size: Pair) -> Conv:
+    """``conv`` on an ``H×W`` input where it gives a single pixel, as the conv whose kernel
+    is the input's size (no padding, stride or dilation):
+    ``K[o, c, u·d_h − p_h, v·d_w − p_w] = W[o, c, u, v]``, the taps that read outside the
+    input dropped. Its flattened kernel is that pixel as one matrix product,
+    ``y = K·vec(x) + b``."""
+    pixels = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(size, conv.padding, conv.dilation, conv.kernel_size, conv.stride)
+    ]
+    if pixels != [1, 1]:
+        raise ValueError(
+            f"a {conv.kernel_size} conv gives {pixels[0]}x{pixels[1]} pixels on a "
+            f"{size[0]}x{size[1]} input, not one"
+        )
+    (rows, at_rows), (cols, at_cols) = (
+        _taps_inside(*axis) for axis in zip(size, conv.padding, conv.dilation, conv.kernel_size)
+    )
+    weight = conv.weight.new_zeros(*conv.weight.shape[:2], *size)
+    weight[:, :, at_rows, at_cols] = conv.weight[:, :, rows, cols]
+    return Conv(weight, conv.bias, groups=conv.groups)
+
+
 def _aligned(convs: tuple[Conv, ...]) -> tuple[list[Conv], Pair]:
     """Parallel convs with one tap spacing, and the kernel size that holds them all; refuses
     those whose outputs would not line up. A size-1 axis has no taps to space, so its

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, compose, run_script
+from helpers import QUICK, compose, relative_error, run_script
 from safetensors.torch import save_file
 
 import repnet
@@ -425,3 +425,22 @@ def test_written_files_get_the_usual_permissions(run_dir, tmp_path):
     names = ["model.safetensors", "config.json", "manifest.json"]
     assert modes == dict.fromkeys(names, 0o666 & ~umask)
     assert out.resolve().stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_convs_that_give_one_pixel_are_exported_as_one_matrix_product(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 6, 3, stride=2, padding=1, dilation=2),  # 3x3 -> one pixel
+        torch.nn.Conv2d(6, 6, 1, groups=3),  # grouped: stays a conv
+        torch.nn.Flatten(),
+    ).eval()
+    x = torch.randn(5, 3, 5, 6)
+    (tmp_path / "model.onnx").write_bytes(EXPORTERS["onnx"].serialize(model, x[:2], True))
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert ops.count("Conv") == 2 and {"Gemm", "MatMul"} & set(ops)
+    got = EXPORTERS["onnx"].load(tmp_path / "model.onnx")(x)  # batch 5: the axis is dynamic
+    assert relative_error(model(x).detach(), got) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import relative_error
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -154,6 +154,29 @@ def test_dilate_turns_dilation_into_zero_taps(conv, extra, factor):
     spread = replace(conv, weight=kernels.dilate(conv.weight, factor))
     x = random_input(dilated, extra)
     assert_close(dilated(x), spread(x))
+
+
+@given(conv=convs, data=st.data())
+def test_one_pixel_is_the_conv_as_one_matrix_product(conv, data):
+    sizes = [
+        range(max(1, 1 - reach), stride - reach + 1)
+        for reach, stride in zip(conv.reach, conv.stride)
+    ]  # input sizes where the conv gives one pixel: 0 <= n + reach - 1 < stride
+    assume(all(sizes))
+    size = tuple(data.draw(st.sampled_from(sizes_of_axis)) for sizes_of_axis in sizes)
+    x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
+    pixel = kernels.one_pixel(conv, size)
+    assert pixel.kernel_size == size and pixel.padding == (0, 0) and pixel.groups == conv.groups
+    assert_close(conv(x), pixel(x))
+    if conv.groups == 1:
+        product = x.flatten(1) @ pixel.weight.flatten(1).T + pixel.bias
+        assert_close(conv(x).flatten(1), product)
+
+
+def test_one_pixel_refuses_a_conv_that_gives_more_pixels():
+    conv = Conv(torch.ones(2, 2, 3, 3), torch.zeros(2), padding=(1, 1))
+    with pytest.raises(ValueError, match=r"gives 4x4 pixels on a 4x4 input, not one"):
+        kernels.one_pixel(conv, (4, 4))
 
 
 @given(channels=st.integers(1, 6), padding=st.tuples(st.integers(-1, 2), st.integers(-1, 2)))
