@@ -53,23 +53,27 @@ class PixelProduct(nn.Module):
 
 
 def one_pixel_convs_as_products(model: nn.Module, example: Tensor) -> nn.Module:
-    """``model``, or a copy where every dense ``nn.Conv2d`` that gives a single pixel on
-    ``example`` is a :class:`PixelProduct`: ONNX Runtime runs such a conv image by image,
-    as matrix-vector products (the last stage of a small-input model, e.g. RepVGG's 1280
-    channels on a 2x2 map), and a Gemm takes the whole batch at once."""
-    sizes: dict[str, tuple[int, int]] = {}
+    """``model``, or a copy where every dense, zero-padded ``nn.Conv2d`` that gives a single
+    pixel on ``example`` (at each of its calls, from one input size) is a
+    :class:`PixelProduct`: ONNX Runtime runs such a conv image by image, as matrix-vector
+    products (the last stage of a small-input model, e.g. RepVGG's 1280 channels on a 2x2
+    map), and a Gemm takes the whole batch at once."""
+    calls: dict[str, set] = {}  # per conv, the input size of each call (None: not one pixel)
 
     def record(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if output.shape[-2:] == (1, 1):
-                sizes[name] = tuple(inputs[0].shape[-2:])
+            one = output.shape[-2:] == (1, 1)
+            calls.setdefault(name, set()).add(tuple(inputs[0].shape[-2:]) if one else None)
 
         return hook
 
     convs = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d) and module.groups == 1
+        if isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
     }
     handles = [module.register_forward_hook(record(name)) for name, module in convs.items()]
     try:
@@ -78,6 +82,7 @@ def one_pixel_convs_as_products(model: nn.Module, example: Tensor) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
+    sizes = {name: size for name, (size, *more) in calls.items() if size and not more}
     if not sizes:
         return model
     products = copy.deepcopy(model)

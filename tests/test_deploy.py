@@ -444,3 +444,22 @@ def test_convs_that_give_one_pixel_are_exported_as_one_matrix_product(tmp_path):
     assert ops.count("Conv") == 2 and {"Gemm", "MatMul"} & set(ops)
     got = EXPORTERS["onnx"].load(tmp_path / "model.onnx")(x)  # batch 5: the axis is dynamic
     assert relative_error(model(x).detach(), got) < 1e-5
+
+
+class TwiceApplied(torch.nn.Module):
+    """One conv on the image and on its pooled copy: one pixel at one call only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 2)
+        return self.conv(x).mean((2, 3)) + self.conv(pooled).mean((2, 3))
+
+
+def test_a_conv_that_gives_one_pixel_at_only_one_of_its_calls_stays_a_conv(tmp_path):
+    model, x = TwiceApplied().eval(), torch.randn(4, 3, 6, 6)
+    (tmp_path / "model.onnx").write_bytes(EXPORTERS["onnx"].serialize(model, x[:2], True))
+    got = EXPORTERS["onnx"].load(tmp_path / "model.onnx")(x)
+    assert relative_error(model(x).detach(), got) < 1e-5
