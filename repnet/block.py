@@ -37,7 +37,7 @@ class RepBlock(nn.Module):
     ``branch_norms`` sets the norm of the branches it names (``bn``, ``scale`` or ``none``)
     and ``norm_after_sum`` adds a BN after the sum, ``act(BN(Σ_b norm_b(op_b(x))))``: the
     QARepVGG block (``qarepvgg`` config) is BN on ``kxk`` only, then one after the sum;
-    such a block with an identity starts as ``BN(x + ...)`` (see ``start_as_identity``).
+    such a block with an identity starts as ``BN(x)`` (see ``start_as_identity``).
     ``deploy=True`` builds the deployed form directly (to load fused weights).
     ``strict`` decides an identity that cannot exist here (see ``resolve_branches``).
     """
@@ -160,16 +160,23 @@ def norm_choice(branch_norms: Mapping[str, NormKind], online: bool) -> dict[str,
 
 
 def start_as_identity(branches: BranchSet) -> None:
-    """In a block whose identity has no norm and whose sum has one (QARepVGG), zero the scale
-    ``γ`` of every branch ending in a BN: the block starts as ``BN(x + Σ unnormalised
-    branches)``, a residual block with its residual BN zero-initialised. With ``γ = 1`` the
-    normalised branches outweigh the identity and a deep stack trains like a plain VGG
-    (figures in benchmarks/README.md, int8 section)."""
+    """In a block whose identity has no norm and whose sum has one (QARepVGG), zero the last
+    scale of every other branch: the ``γ`` of its norm, or without one the weight of its last
+    learnable op (a composition keeps its first weight random, so the zeroed one gets a
+    gradient). The block starts as ``BN(x)``, a residual block with its residual branches
+    zero-initialised; with ``γ = 1`` the normalised branches outweigh the identity and a
+    deep stack trains like a plain VGG (figures in benchmarks/README.md, int8 section)."""
     if "identity" not in branches or not isinstance(branches["identity"][0].norm, NoNorm):
         return
-    for branch in branches.values():
-        if isinstance(branch[-1].norm, nn.BatchNorm2d):
-            nn.init.zeros_(branch[-1].norm.weight)
+    for name, branch in branches.items():
+        if name == "identity":
+            continue
+        norm = branch[-1].norm
+        weights = [s.op.weight for s in branch if isinstance(s.op.weight, nn.Parameter)]
+        if not isinstance(norm, NoNorm):
+            nn.init.zeros_(norm.weight)
+        elif weights:  # a branch with nothing to learn (a fixed pool) stays as it is
+            nn.init.zeros_(weights[-1])
 
 
 def sum_outputs(outputs: Iterable[Tensor]) -> Tensor:

@@ -74,6 +74,9 @@ def test_any_branch_norms_and_a_norm_after_the_sum_deploy_exactly(
     block = RepBlock(
         **args, branches=preset, branch_norms=kinds, norm_after_sum=norm_after_sum, act=None
     ).double()
+    for parameter in block.parameters():  # weights a QARepVGG start zeroed count too
+        if parameter.dim() > 1:
+            torch.nn.init.normal_(parameter)
     block(sample(geometry, seed=2))  # training mode: the BNs learn statistics
     randomize_norms(block)
     assert (block.norm is not None) == norm_after_sum
@@ -83,17 +86,26 @@ def test_any_branch_norms_and_a_norm_after_the_sum_deploy_exactly(
     assert deploy_error(block.eval(), sample(geometry)) <= 1e-10
 
 
-def test_a_qarepvgg_block_with_an_identity_starts_as_its_identity_branches():
-    """Zero BN scales on the normalised branches: ``BN(x + W₁x)`` at the start; a block
+def test_a_qarepvgg_block_with_an_identity_starts_as_its_normalised_identity():
+    """The other branches' last scales at zero (a BN's ``γ``, else the last learnable
+    weight): ``BN(x)`` at the start, and what was zeroed still learns. A block
     without an unnormalised identity (stride 2, or the identity keeps its BN) is as built."""
     qa = {"branch_norms": {"1x1": "none", "identity": "none"}, "norm_after_sum": True}
     block = RepBlock(4, 4, branches="repvgg", act=None, **qa).double()
     assert torch.equal(block.branches["kxk"][0].norm.weight, torch.zeros(4))
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    without_kxk = block.branches["identity"](x) + block.branches["1x1"](x)
-    assert torch.allclose(block(x), block.norm(without_kxk))
+    assert torch.allclose(block(x), block.norm(x))
+    composed = {"branch_norms": {"1x1_kxk": "none", "identity": "none"}, "norm_after_sum": True}
+    block = RepBlock(4, 4, branches=["kxk", "1x1_kxk", "identity"], act=None, **composed)
+    block(x.float()).square().sum().backward()
+    first, second = (stage.op.weight for stage in block.branches["1x1_kxk"])
+    assert torch.equal(second, torch.zeros_like(second))
+    for zeroed in (second, block.branches["kxk"][0].norm.weight):  # not a dead end: the
+        assert zeroed.grad.abs().sum() > 0  # zeros learn first, then what they gate
+    assert first.abs().sum() > 0
     strided = RepBlock(4, 4, stride=2, branches="repvgg", **qa)
     assert torch.equal(strided.branches["kxk"][0].norm.weight, torch.ones(4))
+    assert strided.branches["1x1"][0].op.weight.abs().sum() > 0
     normed = RepBlock(4, 4, branches="repvgg", branch_norms={"1x1": "none"}, norm_after_sum=True)
     assert torch.equal(normed.branches["kxk"][0].norm.weight, torch.ones(4))
 
