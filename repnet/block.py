@@ -172,11 +172,13 @@ def start_as_identity(branches: BranchSet) -> None:
         if name == "identity":
             continue
         norm = branch[-1].norm
-        weights = [s.op.weight for s in branch if isinstance(s.op.weight, nn.Parameter)]
         if not isinstance(norm, NoNorm):
             nn.init.zeros_(norm.weight)
-        elif weights:  # a branch with nothing to learn (a fixed pool) stays as it is
-            nn.init.zeros_(weights[-1])
+            continue
+        weights = [getattr(stage.op, "weight", None) for stage in branch]
+        learnable = [w for w in weights if isinstance(w, nn.Parameter)]
+        if learnable:  # a branch with nothing to learn (a fixed pool) stays as it is
+            nn.init.zeros_(learnable[-1])
 
 
 def sum_outputs(outputs: Iterable[Tensor]) -> Tensor:

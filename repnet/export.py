@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repnet.errors import DeployError
-from repnet.kernels import Conv, of_conv2d, one_pixel
+from repnet.kernels import Conv, Window, of_conv2d, one_pixel
 from repnet.quantize import Calibration, quantize_onnx
+from repnet.reparam import eval_mode
 
 Runner = Callable[[Tensor], Tensor]
 
@@ -41,54 +42,67 @@ def _shapes(dynamic_batch: bool) -> tuple[dict[int, torch.export.Dim]] | None:
 
 class PixelProduct(nn.Module):
     """A conv that gives a single pixel, as one matrix product over the batch:
-    ``y = K·vec(x) + b`` as ``[N, O, 1, 1]``, ``K`` from :func:`repnet.kernels.one_pixel`."""
+    ``y = K·vec(x[..., rows, cols]) + b`` as ``[N, O, 1, 1]`` (:func:`repnet.kernels.one_pixel`)."""
 
-    def __init__(self, pixel: Conv):
+    def __init__(self, pixel: Conv, window: Window):
         super().__init__()
         self.weight = nn.Parameter(pixel.weight.detach().flatten(1))
         self.bias = nn.Parameter(pixel.bias.detach())
+        self.rows, self.cols = window
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.flatten(1), self.weight, self.bias)[..., None, None]
+        window = x[:, :, self.rows, self.cols]
+        return F.linear(window.flatten(1), self.weight, self.bias)[..., None, None]
 
 
-def one_pixel_convs_as_products(model: nn.Module, example: Tensor) -> nn.Module:
-    """``model``, or a copy where every dense, zero-padded ``nn.Conv2d`` that gives a single
-    pixel on ``example`` (at each of its calls, from one input size) is a
-    :class:`PixelProduct`: ONNX Runtime runs such a conv image by image, as matrix-vector
-    products (the last stage of a small-input model, e.g. RepVGG's 1280 channels on a 2x2
-    map), and a Gemm takes the whole batch at once."""
-    calls: dict[str, set] = {}  # per conv, the input size of each call (None: not one pixel)
+def _one_pixel_inputs(model: nn.Module, convs: dict[str, nn.Conv2d], example: Tensor) -> dict:
+    """The input size of each of ``convs`` that gives a single pixel from one input size at
+    every call of ``model(example)``, run in eval mode (no statistics updated)."""
+    calls: dict[str, set] = {}  # the input size of each call; None: not a batch to one pixel
 
     def record(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            one = output.shape[-2:] == (1, 1)
+            one = inputs[0].dim() == 4 and output.shape[-2:] == (1, 1)
             calls.setdefault(name, set()).add(tuple(inputs[0].shape[-2:]) if one else None)
 
         return hook
 
-    convs = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    }
     handles = [module.register_forward_hook(record(name)) for name, module in convs.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-    sizes = {name: size for name, (size, *more) in calls.items() if size and not more}
-    if not sizes:
+    return {name: size for name, (size, *more) in calls.items() if size and not more}
+
+
+def one_pixel_convs_as_products(model: nn.Module, example: Tensor) -> nn.Module:
+    """``model``, or a copy where every ``nn.Conv2d`` (dense, zero-padded, not a subclass)
+    that gives a single pixel on ``example`` is a :class:`PixelProduct`: ONNX Runtime runs
+    a conv image by image, so such a conv (the last stage of a small-input model, e.g.
+    RepVGG's 1280 channels on a 2x2 map) is a matrix-vector product per image, where one
+    Gemm takes the whole batch."""
+    convs = {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Conv2d
+        and name
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    }
+    products = {}
+    for name, size in _one_pixel_inputs(model, convs, example).items():
+        pixel, window = one_pixel(of_conv2d(convs[name]), size)
+        if pixel.weight.numel():  # a pixel that reads only padding stays a conv
+            products[name] = PixelProduct(pixel, window)
+    if not products:
         return model
-    products = copy.deepcopy(model)
-    for name, size in sizes.items():
-        products.set_submodule(name, PixelProduct(one_pixel(of_conv2d(convs[name]), size)))
-    return products
+    model = copy.deepcopy(model)
+    for name, product in products.items():
+        model.set_submodule(name, product)
+    return model
 
 
 def onnx_bytes(model: nn.Module, example: Tensor, dynamic_batch: bool) -> bytes:

@@ -174,6 +174,9 @@ def pad_to(conv: Conv, kernel_size: Pair) -> Conv:
     return replace(conv, weight=weight, padding=_centred(conv, kernel_size))
 
 
+Window = tuple[slice, slice]
+
+
 def _taps_inside(size: int, padding: int, dilation: int, taps: int) -> tuple[slice, slice]:
     """The taps ``u`` of one axis that read inside an input of ``size`` at output 0
     (``0 ≤ u·d − p < size``), and the input positions they read."""
@@ -184,12 +187,12 @@ def _taps_inside(size: int, padding: int, dilation: int, taps: int) -> tuple[sli
     return slice(first, last + 1), slice(start, last * dilation - padding + 1, dilation)
 
 
-def one_pixel(conv: Conv, size: Pair) -> Conv:
-    """``conv`` on an ``H×W`` input where it gives a single pixel, as the conv whose kernel
-    is the input's size (no padding, stride or dilation):
-    ``K[o, c, u·d_h − p_h, v·d_w − p_w] = W[o, c, u, v]``, the taps that read outside the
-    input dropped. Its flattened kernel is that pixel as one matrix product,
-    ``y = K·vec(x) + b``."""
+def one_pixel(conv: Conv, size: Pair) -> tuple[Conv, Window]:
+    """``conv`` on an ``H×W`` input where it gives a single pixel, as the input window that
+    pixel reads, ``x[..., rows, cols]`` (rows ``u·d_h − p_h`` of the taps ``u`` inside the
+    input, likewise columns), and the conv of the taps inside, no padding, stride or
+    dilation, whose kernel is the window's size: ``y = K·vec(x[..., rows, cols]) + b``, one
+    matrix product (an empty window when every tap reads padding: ``y = b``)."""
     pixels = [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, p, d, k, s in zip(size, conv.padding, conv.dilation, conv.kernel_size, conv.stride)
@@ -202,9 +205,8 @@ def one_pixel(conv: Conv, size: Pair) -> Conv:
     (rows, at_rows), (cols, at_cols) = (
         _taps_inside(*axis) for axis in zip(size, conv.padding, conv.dilation, conv.kernel_size)
     )
-    weight = conv.weight.new_zeros(*conv.weight.shape[:2], *size)
-    weight[:, :, at_rows, at_cols] = conv.weight[:, :, rows, cols]
-    return Conv(weight, conv.bias, groups=conv.groups)
+    pixel = Conv(conv.weight[:, :, rows, cols], conv.bias, groups=conv.groups)
+    return pixel, (at_rows, at_cols)
 
 
 def _aligned(convs: tuple[Conv, ...]) -> tuple[list[Conv], Pair]:
