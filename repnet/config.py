@@ -13,7 +13,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,8 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, create_model
 
 from repnet.errors import UsageError
+
+Settings = TypeVar("Settings", bound=BaseModel)
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # what numpy, torch and Lightning all accept
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -104,17 +106,19 @@ def one_line(errors: list[dict[str, Any]], prefix: str = "") -> str:
 
 
 def validate(
-    schema: type[BaseModel], values: Mapping[str, Any], prefix: str = "", given: tuple = ()
-) -> None:
-    """``values`` checked against ``schema``, or one :class:`UsageError` line; arguments the
-    code passes itself (``given``, e.g. an optimizer's ``params``) are not asked of the user."""
+    schema: type[Settings], values: Mapping[str, Any], prefix: str = "", given: tuple = ()
+) -> Settings | None:
+    """``values`` checked against ``schema`` and returned as its settings, or one
+    :class:`UsageError` line; arguments the code passes itself (``given``, e.g. an optimizer's
+    ``params``) are not asked of the user (``None`` is returned when only those are missing)."""
     placeholders = {name: None for name in given if name in schema.model_fields}
     try:
-        schema.model_validate({**placeholders, **values})
+        return schema.model_validate({**placeholders, **values})
     except ValidationError as error:
         errors = [e for e in error.errors() if e["loc"][0] not in placeholders]
         if errors:
             raise UsageError(one_line(errors, prefix)) from None
+        return None
 
 
 @cache

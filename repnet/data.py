@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from repnet.config import Seed
 from repnet.errors import DatasetUnavailableError
@@ -273,6 +273,26 @@ def _class_folders(root: Path, split: str) -> list[str]:
     return find_classes(split_dir)[0]
 
 
+def image_transform(preprocessing: dict[str, Any]) -> Callable:
+    """PIL image → normalised tensor: shorter side to ``round(H / crop_pct)`` (PIL's resize),
+    centre ``H×W`` crop, pixels to [0, 1], ``(x - mean) / std``."""
+    channels, height, width = preprocessing["input_size"]
+    mode = "L" if channels == 1 else "RGB"
+    return v2.Compose(
+        [
+            lambda image: image.convert(mode),
+            v2.Resize(
+                round(height / preprocessing["crop_pct"]),
+                InterpolationMode(preprocessing["interpolation"]),
+            ),
+            v2.CenterCrop((height, width)),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ]
+    )
+
+
 class ImageFolderDataModule(ImageClassificationDataModule):
     """Images in `root/train/<class>/` and `root/val/<class>/`, ImageNet-style preprocessing."""
 
@@ -306,28 +326,17 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        to_normalised_tensor = [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
         train_transform = v2.Compose(
             [
                 v2.ToImage(),
                 v2.RandomResizedCrop(self.image_size),
                 v2.RandomHorizontalFlip(),
-                *to_normalised_tensor,
-            ]
-        )
-        val_transform = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(round(self.image_size / self.crop_pct)),
-                v2.CenterCrop(self.image_size),
-                *to_normalised_tensor,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(*self.normalisation()),
             ]
         )
         self.train_dataset = ImageFolder(self.root / "train", train_transform)
-        self.val_dataset = ImageFolder(self.root / "val", val_transform)
+        self.val_dataset = ImageFolder(self.root / "val", image_transform(self.preprocessing()))
 
 
 class FakeDataModule(ImageClassificationDataModule):

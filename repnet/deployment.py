@@ -683,8 +683,7 @@ def default_out_dir(ckpt_path: Path) -> Path:
 
 def parse_options(values: Mapping[str, Any]) -> DeployOptions:
     """``values`` checked against :class:`DeployOptions`, or one :class:`UsageError` line."""
-    validate(DeployOptions, values)
-    return DeployOptions.model_validate(values)
+    return validate(DeployOptions, values)
 
 
 def deploy(ckpt_path: str | Path, **options: Any) -> DeployReport:

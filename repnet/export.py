@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from repnet.errors import DeployError
 from repnet.kernels import Conv, Window, of_conv2d, one_pixel
 from repnet.quantize import Calibration, quantize_onnx
-from repnet.reparam import eval_mode
+from repnet.reparam import eval_mode, forward_hooks
 
 Runner = Callable[[Tensor], Tensor]
 
@@ -67,13 +67,8 @@ def _one_pixel_inputs(model: nn.Module, convs: dict[str, nn.Conv2d], example: Te
 
         return hook
 
-    handles = [module.register_forward_hook(record(name)) for name, module in convs.items()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(convs, record), torch.no_grad(), eval_mode(model):
+        model(example)
     return {name: size for name, (size, *more) in calls.items() if size and not more}
 
 

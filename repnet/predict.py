@@ -115,28 +115,6 @@ def image_paths(pattern: str) -> list[Path]:
     return sorted(found)
 
 
-def image_transform(preprocessing: dict[str, Any]) -> Callable:
-    """PIL image → normalised tensor: shorter side to ``round(H / crop_pct)`` (PIL's resize),
-    centre ``H×W`` crop, pixels to [0, 1], ``(x - mean) / std``."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    channels, height, width = preprocessing["input_size"]
-    mode = "L" if channels == 1 else "RGB"
-    return v2.Compose(
-        [
-            lambda image: image.convert(mode),
-            v2.Resize(
-                round(height / preprocessing["crop_pct"]),
-                InterpolationMode(preprocessing["interpolation"]),
-            ),
-            v2.CenterCrop((height, width)),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(preprocessing["mean"], preprocessing["std"]),
-        ]
-    )
-
-
 def read_images(
     paths: list[Path], transform: Callable, batch_size: int
 ) -> Iterator[tuple[list[Path], Tensor]]:
@@ -160,14 +138,15 @@ def read_images(
 def predict(model: str | Path, inputs: str, **options: Any) -> list[dict[str, Any]]:
     """Per readable image: ``{"image", "top": [{"label", "index", "probability"}, ...]}``,
     the ``top_k`` classes by ``softmax(logits)``. ``options``: :class:`PredictOptions`."""
-    validate(PredictOptions, {"model": model, "inputs": inputs, **options})
-    settings = PredictOptions.model_validate({"model": model, "inputs": inputs, **options})
+    settings = validate(PredictOptions, {"model": model, "inputs": inputs, **options})
     try:
         predictor = open_model(settings.model)
     except DeployError as error:
         raise UsageError(f"model: {error}") from None
     paths = image_paths(settings.inputs)
     rows = []
+    from repnet.data import image_transform  # torchvision, only when images are read
+
     transform = image_transform(predictor.preprocessing)
     for names, images in read_images(paths, transform, settings.batch_size):
         with torch.inference_mode():

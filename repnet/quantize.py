@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from repnet.reparam import forward_hooks
+
 Calibration = Literal["minmax", "percentile"]
 CSV_NAME = "quantization.csv"
 HEAD_OPS = ("Gemm", "MatMul")  # a classifier head as torch.onnx exports nn.Linear
@@ -205,14 +207,9 @@ def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Te
 
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, hook), torch.no_grad():
+        for batch in batches:
+            model(batch)
     return seen
 
 

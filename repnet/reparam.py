@@ -86,6 +86,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+@contextmanager
+def forward_hooks(modules: Mapping[str, nn.Module], hook_for: Callable[[str], Callable]):
+    """``hook_for(name)`` as the forward hook of each named module inside the block,
+    removed after it."""
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def _deploy_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode, less the work conversion would throw away: RepBlocks are

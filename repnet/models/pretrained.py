@@ -342,8 +342,8 @@ def build_pretrained(
 ) -> tuple[nn.Module, PretrainedReport]:
     """Model ``name`` holding published weights, in their form (train, or deployed for fused
     weights) and eval mode. ``num_classes`` defaults to the weights', the input channels to
-    their first kernel's, the block to the layout's (``repvgg``, ``dbb``, ``acb``); the report's
-    ``architecture`` is the ``build_model`` keywords used."""
+    3 (``in_channels=`` for others), the block to the layout's (``repvgg``, ``dbb``,
+    ``acb``); the report's ``architecture`` is the ``build_model`` keywords used."""
     from repnet.models import build_model
     from repnet.reparam import reparameterize
 
