@@ -12,14 +12,14 @@ random order, and ratios are medians of the per-round ratios (load drift hits bo
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
+from bench import interleaved, ratio  # the sibling script's timing rounds
 
 from repnet import RepBlock, quantize
 from repnet.checkpoints import load_checkpoint
@@ -72,28 +72,24 @@ def identity_block_sqnr(model: torch.nn.Module, deployed: torch.nn.Module) -> di
     }
 
 
-def timed(run: onnxruntime.InferenceSession, x: np.ndarray, calls: int) -> float:
-    """Seconds per call, over ``calls`` back-to-back calls."""
-    start = time.perf_counter()
+def latency(sessions: dict, images: np.ndarray, rounds: int, calls: int) -> dict:
+    """Median ms per call of each session at batch 1 and 32 (``bench.interleaved`` rounds of
+    ``calls`` back-to-back calls), and median int8/fp32 ratios of the rounds."""
+    runs = {
+        (name, batch): partial(_calls, session, np.ascontiguousarray(images[:batch]), calls)
+        for name, session in sessions.items()
+        for batch in (1, 32)
+    }
+    times = interleaved(runs, rounds, warmup=1)
+    result = {key: 1e3 * median / calls for key, (median, _) in times.items()}
+    for batch in (1, 32):
+        result["ratio", batch] = ratio(times, ("int8", batch), ("fp32", batch))
+    return result
+
+
+def _calls(run: onnxruntime.InferenceSession, x: np.ndarray, calls: int) -> None:
     for _ in range(calls):
         run.run(None, {"images": x})
-    return (time.perf_counter() - start) / calls
-
-
-def latency(sessions: dict, images: np.ndarray, rounds: int, calls: int) -> dict:
-    """Median ms per call of each session at batch 1 and 32, and median int8/fp32 ratios."""
-    seen = {(name, b): [] for name in sessions for b in (1, 32)}
-    for _ in range(rounds):
-        order = list(seen)
-        random.shuffle(order)
-        for name, batch in order:
-            x = np.ascontiguousarray(images[:batch])
-            seen[name, batch].append(timed(sessions[name], x, calls))
-    result = {key: 1e3 * statistics.median(times) for key, times in seen.items()}
-    for batch in (1, 32):
-        ratios = [i / f for i, f in zip(seen["int8", batch], seen["fp32", batch])]
-        result["ratio", batch] = statistics.median(ratios)
-    return result
 
 
 def main() -> None:
@@ -104,7 +100,6 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50, help="calls per model per round")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    random.seed(args.seed)
     torch.set_num_threads(1)
 
     checkpoint = load_checkpoint(args.ckpt)
